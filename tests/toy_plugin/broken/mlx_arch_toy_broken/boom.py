@@ -1,0 +1,1 @@
+raise RuntimeError("toy plugin fails on purpose")

@@ -1,0 +1,1 @@
+import not_a_real_dependency_xyz  # noqa: F401  (missing on purpose)

@@ -1,0 +1,62 @@
+"""Toy language model: token embedding -> residual MLP blocks -> RMSNorm -> logits.
+
+Each position sees only its own token, so generation needs no cache.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int = 1
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.gelu(self.up_proj(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [MLP(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, **kwargs):
+        h = self.embed_tokens(inputs)
+        for layer in self.layers:
+            h = h + layer(h)
+        h = self.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def sanitize(self, weights):
+        # Checkpoints may carry a stale rotary table and, when tied, a copy of the head.
+        weights = {k: v for k, v in weights.items() if "rotary_emb" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
+
+    def make_cache(self):
+        return []
