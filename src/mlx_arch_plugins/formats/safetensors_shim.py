@@ -1,0 +1,352 @@
+"""Safetensors reader for dtypes the installed mlx rejects.
+
+``install()`` wraps ``mlx.core.load``. For a ``.safetensors`` path the wrapper
+first checks the header against the file size (cheap: one small read), then
+calls the original ``mx.load``; only when that raises mlx's
+``[safetensor] unsupported dtype ...`` error does this module read the file.
+
+What the fallback returns, per safetensors dtype:
+
+* every dtype mlx reads natively: the same mlx dtype mlx would give;
+* ``F8_E4M3`` and ``F8_E8M0``: ``uint8`` raw bytes (what mlx 0.32 returns;
+  mlx 0.31 rejects ``F8_E8M0``);
+* ``F8_E5M2``: ``float16``. E5M2 is the top byte of an IEEE half, so the
+  decoded values are exact, including inf and nan;
+* ``F4`` (e2m1, two per byte, element 2k in the low nibble): ``uint8`` packed
+  bytes, shape ``[..., n // 2]``, same layout as DeepSeek's I8 expert weights
+  and as MLX's own 4-bit packing;
+* ``F64``: ``float64`` (mlx has no safetensors reader for it).
+
+The fallback maps the file (``mmap``) and copies one tensor at a time into
+mlx memory, dropping each mapped range afterwards, so resident memory stays
+near the size of the arrays returned, never twice the file.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = [
+    "SafetensorsError",
+    "TensorInfo",
+    "read_header",
+    "load_safetensors",
+    "install",
+    "uninstall",
+    "is_installed",
+]
+
+# Bits per element of every dtype in the safetensors spec.
+DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "U16": 16,
+    "I16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "U32": 32,
+    "I32": 32,
+    "F32": 32,
+    "U64": 64,
+    "I64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F4": 4,
+}
+
+# Dtypes whose bytes numpy can view directly (little-endian on disk).
+_NUMPY_VIEW = {
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "F16": np.dtype("<f2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "F32": np.dtype("<f4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F64": np.dtype("<f8"),
+    "C64": np.dtype("<c8"),
+    "F8_E4M3": np.uint8,
+    "F8_E8M0": np.uint8,
+}
+
+DECODABLE = frozenset(_NUMPY_VIEW) | {"BF16", "F8_E5M2", "F4"}
+
+# mlx refuses headers this large; a sane one is a few MB at most.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_UNSUPPORTED_RE = re.compile(r"unsupported dtype\s*(\S*)")
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that cannot be read as its header says."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    begin: int  # absolute file offsets
+    end: int
+
+
+def _fail(path, msg, tensor=None):
+    where = f"{os.fspath(path)}"
+    if tensor is not None:
+        where += f", tensor '{tensor}'"
+    raise SafetensorsError(f"[safetensors] {where}: {msg}")
+
+
+def read_header(path) -> Tuple[List[TensorInfo], Dict[str, str]]:
+    """Parse and validate a safetensors header.
+
+    Every size and offset is checked against the real file size before
+    anything is allocated from it.
+    """
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        _fail(path, f"cannot stat file ({e.strerror})")
+    if size < 8:
+        _fail(path, f"file is {size} bytes; expected at least the 8-byte header length (truncated?)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            _fail(
+                path,
+                f"header length field says {n} bytes but only {size - 8} bytes follow "
+                "(truncated or not a safetensors file)",
+            )
+        if n > MAX_HEADER_BYTES:
+            _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        _fail(path, f"header ({n} bytes) is not valid UTF-8 JSON: {e}")
+    if not isinstance(header, dict):
+        _fail(path, f"header must be a JSON object, got {type(header).__name__}")
+
+    data_start = 8 + n
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        _fail(path, "__metadata__ must map strings to strings")
+
+    infos = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            _fail(path, "entry must be an object with dtype, shape, data_offsets", name)
+        dtype = entry.get("dtype")
+        shape = entry.get("shape")
+        offs = entry.get("data_offsets")
+        if dtype not in DTYPE_BITS:
+            _fail(
+                path,
+                f"unknown dtype {dtype!r}; expected one of {', '.join(sorted(DTYPE_BITS))}",
+                name,
+            )
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            _fail(path, f"shape must be a list of non-negative integers, got {shape!r}", name)
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
+            _fail(path, f"data_offsets must be [begin, end] integers, got {offs!r}", name)
+        b, e = offs
+        numel = 1
+        for d in shape:
+            numel *= d
+        bits = numel * DTYPE_BITS[dtype]
+        if bits % 8:
+            _fail(path, f"{dtype} shape {shape} holds {numel} elements, not a whole number of bytes", name)
+        nbytes = bits // 8
+        if not 0 <= b <= e:
+            _fail(path, f"data_offsets {offs} are not ordered 0 <= begin <= end", name)
+        if e - b != nbytes:
+            _fail(
+                path,
+                f"data_offsets {offs} span {e - b} bytes; expected {nbytes} bytes for {dtype} shape {shape}",
+                name,
+            )
+        if e > data_len:
+            _fail(
+                path,
+                f"data_offsets {offs} end past the data section ({data_len} bytes after the "
+                f"{n}-byte header; file is {size} bytes): truncated shard?",
+                name,
+            )
+        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e))
+
+    by_start = sorted((t for t in infos if t.end > t.begin), key=lambda t: t.begin)
+    for prev, cur in zip(by_start, by_start[1:]):
+        if cur.begin < prev.end:
+            _fail(
+                path,
+                f"data [{cur.begin - data_start}, {cur.end - data_start}) overlaps tensor "
+                f"'{prev.name}' [{prev.begin - data_start}, {prev.end - data_start}); "
+                "expected disjoint ranges",
+                cur.name,
+            )
+    return infos, metadata
+
+
+def _to_mx(path, info: TensorInfo, buf):
+    import mlx.core as mx
+
+    count = info.end - info.begin
+    shape = info.shape
+    dt = info.dtype
+    if count == 0:  # zero-size: nothing to map
+        buf = b""
+        info = TensorInfo(info.name, dt, shape, 0, 0)
+    if dt in _NUMPY_VIEW:
+        npdt = np.dtype(_NUMPY_VIEW[dt])
+        a = np.frombuffer(buf, dtype=npdt, count=count // npdt.itemsize, offset=info.begin)
+        a = a.reshape(shape)
+        if dt == "F64":
+            return mx.array(a, dtype=mx.float64)
+        return mx.array(a)
+    if dt == "BF16":
+        a = np.frombuffer(buf, dtype="<u2", count=count // 2, offset=info.begin).reshape(shape)
+        return mx.array(a).view(mx.bfloat16)
+    if dt == "F8_E5M2":
+        a = np.frombuffer(buf, dtype=np.uint8, count=count, offset=info.begin).reshape(shape)
+        return mx.array((a.astype(np.uint16) << 8).view(np.float16))
+    if dt == "F4":
+        if shape and shape[-1] % 2:
+            _fail(path, f"F4 shape {list(shape)} has an odd last dimension; cannot return whole bytes per row", info.name)
+        packed = shape[:-1] + (shape[-1] // 2,) if shape else ()
+        a = np.frombuffer(buf, dtype=np.uint8, count=count, offset=info.begin).reshape(packed)
+        return mx.array(a)
+    _fail(
+        path,
+        f"dtype {dt} is valid safetensors but neither mlx nor this reader decodes it "
+        f"(reader handles {', '.join(sorted(DECODABLE))})",
+        info.name,
+    )
+
+
+def load_safetensors(path, return_metadata: bool = False):
+    """Read a whole safetensors file into mlx arrays (see module docstring)."""
+    infos, metadata = read_header(path)
+    for info in infos:
+        if info.dtype not in DECODABLE:
+            _to_mx(path, info, b"")  # raises the clear error before any copy
+    import mlx.core as mx
+
+    out = {}
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        try:
+            for info in infos:
+                arr = _to_mx(path, info, mm)
+                mx.eval(arr)
+                out[info.name] = arr
+                if info.end == info.begin:
+                    continue
+                # Drop the pages just copied so mapped bytes don't pile up in RSS.
+                if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                    lo = (info.begin // page) * page
+                    try:
+                        mm.madvise(mmap.MADV_DONTNEED, lo, info.end - lo)
+                    except OSError:
+                        pass
+        finally:
+            if mm is not None:
+                mm.close()
+    return (out, metadata) if return_metadata else out
+
+
+# --- mx.load wrapper -------------------------------------------------------
+
+_original_load = None
+
+
+def _is_safetensors_path(file, fmt) -> bool:
+    if not isinstance(file, (str, os.PathLike)):
+        return False
+    if fmt is not None:
+        return fmt == "safetensors"
+    return os.fspath(file).endswith(".safetensors")
+
+
+def _unsupported_dtype(err: BaseException) -> Optional[str]:
+    m = _UNSUPPORTED_RE.search(str(err))
+    return m.group(1) if m else None
+
+
+def _wrapped_load(file, /, format=None, return_metadata=False, **kwargs):
+    if not _is_safetensors_path(file, format):
+        return _original_load(file, format=format, return_metadata=return_metadata, **kwargs)
+    read_header(file)  # clear errors for broken files, before mlx allocates anything
+    try:
+        return _original_load(file, format=format, return_metadata=return_metadata, **kwargs)
+    except RuntimeError as e:
+        if _unsupported_dtype(e) is None:
+            raise
+    return load_safetensors(file, return_metadata=return_metadata)
+
+
+_wrapped_load.__mlx_arch_plugins_shim__ = True
+
+
+def is_installed() -> bool:
+    import mlx.core as mx
+
+    return getattr(mx.load, "__mlx_arch_plugins_shim__", False)
+
+
+def install() -> bool:
+    """Wrap ``mlx.core.load``; idempotent. Returns True if it changed anything."""
+    global _original_load
+    import mlx.core as mx
+
+    if is_installed():
+        return False
+    _original_load = mx.load
+    _wrapped_load.__doc__ = (_original_load.__doc__ or "") + (
+        "\n\n(wrapped by mlx_arch_plugins: safetensors dtypes this mlx rejects are read by "
+        "mlx_arch_plugins.formats.safetensors_shim)"
+    )
+    mx.load = _wrapped_load
+    return True
+
+
+def uninstall() -> bool:
+    """Restore the original ``mlx.core.load`` if our wrapper is the current one."""
+    global _original_load
+    import mlx.core as mx
+
+    if not is_installed() or _original_load is None:
+        return False
+    mx.load = _original_load
+    _original_load = None
+    return True
