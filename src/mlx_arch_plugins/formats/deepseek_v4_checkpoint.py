@@ -1,0 +1,274 @@
+"""DeepSeek-V4 checkpoints → the MLX model's parameters.
+
+Two layouts arrive here:
+
+* DeepSeek's own (``embed.weight``, ``layers.N.attn.wq_a.weight`` + ``.scale``,
+  ``layers.N.ffn.experts.E.w1.weight``, ``mtp.0.*``): renamed to the MLX
+  module tree; FP8 e4m3 weights with one E8M0 scale per 128x128 block become
+  ``mxfp8`` layers (the block scale repeated over its rows and its four groups
+  of 32), FP4 e2m1 experts with one E8M0 scale per 32 inputs become ``mxfp4``
+  layers. Only bytes are re-viewed; no weight is dequantised.
+* MLX-format conversions (``model.layers.N...``, ``lm_head``), which already
+  use the module names and mlx-lm's quantization metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+
+class CheckpointError(ValueError):
+    """A tensor of the checkpoint does not fit the model; ``tensor`` names it
+    (checkpoint name) so the loader can add the file it came from."""
+
+    def __init__(self, tensor: str, message: str):
+        super().__init__(f"tensor {tensor!r}: {message}")
+        self.tensor = tensor
+
+
+# Official top-level names → MLX names.
+TOP_LEVEL = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "head.weight": "lm_head.weight",
+    "hc_head_fn": "model.hc_head.fn",
+    "hc_head_base": "model.hc_head.base",
+    "hc_head_scale": "model.hc_head.scale",
+}
+
+# Renames inside a layer or an MTP block (applied to the part after the prefix).
+INNER = (
+    (re.compile(r"^hc_(attn|ffn)_(fn|base|scale)$"), r"\1_hc.\2"),
+    (re.compile(r"^hc_head_(fn|base|scale)$"), r"hc_head.\1"),
+    (re.compile(r"^ffn\.gate\.bias$"), "ffn.gate.e_score_correction_bias"),
+    (re.compile(r"^ffn\.shared_experts\.w1\."), "ffn.shared_experts.gate_proj."),
+    (re.compile(r"^ffn\.shared_experts\.w3\."), "ffn.shared_experts.up_proj."),
+    (re.compile(r"^ffn\.shared_experts\.w2\."), "ffn.shared_experts.down_proj."),
+)
+
+# Routed experts are stacked into one SwitchLinear per projection.
+EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
+EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+PREFIX = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
+
+FP8_BLOCK = 128
+MX_GROUP = 32
+
+
+def is_official(weights: Dict[str, mx.array]) -> bool:
+    return any(
+        k.startswith(("layers.", "embed.", "mtp.", "head.")) or k in TOP_LEVEL
+        for k in weights
+    )
+
+
+def _rename(key: str) -> Tuple[str, Optional[Tuple[str, int, str, str]]]:
+    """MLX name of an official key, or the expert slot it belongs to."""
+    if key in TOP_LEVEL:
+        return TOP_LEVEL[key], None
+    m = PREFIX.match(key)
+    if not m:
+        return key, None
+    kind, idx, rest = m.groups()
+    prefix = f"model.{kind}.{idx}."
+    e = EXPERT.match(rest)
+    if e:
+        expert, proj, what = e.groups()
+        return "", (prefix + f"ffn.switch_mlp.{EXPERT_PROJ[proj]}", int(expert), what, key)
+    for pattern, repl in INNER:
+        rest = pattern.sub(repl, rest)
+    return prefix + rest, None
+
+
+def _fp8_to_mxfp8(name, w, s, out_dim, in_dim):
+    if w.dtype not in (mx.uint8, mx.int8) or w.shape != (out_dim, in_dim):
+        raise CheckpointError(
+            name,
+            f"expected FP8 e4m3 weight of shape ({out_dim}, {in_dim}), "
+            f"found {w.dtype} {tuple(w.shape)}",
+        )
+    grid = (-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK))
+    if s.shape != grid or s.dtype != mx.uint8:
+        raise CheckpointError(
+            name[: -len("weight")] + "scale",
+            f"expected E8M0 block scales of shape {grid} (one per "
+            f"{FP8_BLOCK}x{FP8_BLOCK} block), found {s.dtype} {tuple(s.shape)}",
+        )
+    if in_dim % MX_GROUP:
+        raise CheckpointError(name, f"input width {in_dim} is not a multiple of 32")
+    per_block = FP8_BLOCK // MX_GROUP
+    scales = mx.repeat(mx.repeat(s, FP8_BLOCK, 0), per_block, 1)
+    scales = scales[:out_dim, : in_dim // MX_GROUP]
+    return w.view(mx.uint8).view(mx.uint32), scales, 8
+
+
+def _fp4_to_mxfp4(name, w, s, out_dim, in_dim):
+    if w.dtype not in (mx.uint8, mx.int8) or w.shape != (out_dim, in_dim // 2):
+        raise CheckpointError(
+            name,
+            f"expected FP4 e2m1 weight packed two per byte, shape "
+            f"({out_dim}, {in_dim // 2}), found {w.dtype} {tuple(w.shape)}",
+        )
+    want = (out_dim, in_dim // MX_GROUP)
+    if s.shape != want or s.dtype != mx.uint8:
+        raise CheckpointError(
+            name[: -len("weight")] + "scale",
+            f"expected E8M0 scales of shape {want} (one per 32 inputs), "
+            f"found {s.dtype} {tuple(s.shape)}",
+        )
+    # Low nibble = even column in both layouts; code 8 (-0) is zero in mxfp4.
+    return w.view(mx.uint8).view(mx.uint32), s, 4
+
+
+def _logical_shapes(model) -> Dict[str, Tuple[int, ...]]:
+    return {k: v.shape for k, v in tree_flatten(model.parameters())}
+
+
+def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    args = model.args
+    has_mtp = any(k.startswith(("mtp.", "model.mtp.")) for k in weights)
+    if not has_mtp:
+        # Conversions usually drop the MTP block; the model then has none.
+        model.model.mtp = []
+    if not is_official(weights):
+        return _sanitize_mlx(model, weights)
+
+    shapes = _logical_shapes(model)
+    qcfg = getattr(args, "quantization_config", None) or {}
+    out: Dict[str, mx.array] = {}
+    experts: Dict[str, Dict[str, Dict[int, Tuple[str, mx.array]]]] = {}
+    quant_bits: Dict[str, int] = {}
+
+    names = {}
+    for key in weights:
+        if key.endswith(".scale") and key[: -len("scale")] + "weight" in weights:
+            continue  # consumed with its weight
+        names[key] = _rename(key)
+
+    keep_mtp = has_mtp and args.num_nextn_predict_layers > 0
+    for key, (new, slot) in names.items():
+        w = weights[key]
+        target = slot[0] + ".weight" if slot is not None else new
+        if target not in shapes:
+            if target.startswith("model.mtp.") and not keep_mtp:
+                continue  # MTP weights of a config without MTP layers
+            raise CheckpointError(
+                key, f"unexpected tensor: this config's model has no {target!r}"
+            )
+        if slot is not None:
+            base, e, what, orig = slot
+            s = weights.get(orig[: -len("weight")] + "scale")
+            experts.setdefault(base, {})[e] = (orig, w, s)
+            continue
+        want = shapes[new]
+        scale_key = key[: -len("weight")] + "scale" if key.endswith(".weight") else None
+        if scale_key is not None and scale_key in weights:
+            base = new[: -len(".weight")]
+            out_dim, in_dim = (want[0] * want[1], want[2]) if len(want) == 3 else want
+            wq, sc, bits = _fp8_to_mxfp8(key, w, weights[scale_key], out_dim, in_dim)
+            if len(want) == 3:  # grouped wo_a: [G, o_lora, in]
+                wq = wq.reshape(want[0], want[1], -1)
+                sc = sc.reshape(want[0], want[1], -1)
+            out[new], out[base + ".scales"] = wq, sc
+            quant_bits[base] = bits
+            continue
+        if len(want) == 3 and w.ndim == 2 and w.size == math.prod(want):
+            w = w.reshape(want)  # grouped wo_a stored flat
+        if tuple(w.shape) != tuple(want):
+            raise CheckpointError(
+                key, f"expected shape {tuple(want)}, found {tuple(w.shape)}"
+            )
+        if new.endswith("tid2eid"):
+            w = w.astype(mx.int32)
+        if new.endswith("ffn.gate.weight"):
+            w = w.astype(mx.float32)
+        out[new] = w
+
+    expert_fp4 = (getattr(args, "expert_dtype", None) or qcfg.get("expert_dtype")) == "fp4"
+    for base, slots in experts.items():
+        n = args.n_routed_experts
+        missing = [e for e in range(n) if e not in slots]
+        if missing:
+            proj = base.rsplit(".", 1)[1]
+            raise CheckpointError(
+                f"{base.replace('model.', '', 1).replace('switch_mlp', 'experts')}",
+                f"{len(missing)} of {n} experts missing for {proj} "
+                f"(first: expert {missing[0]})",
+            )
+        want = shapes[base + ".weight"]  # [E, out, in]
+        out_dim, in_dim = want[1], want[2]
+        ws, ss = [], []
+        for e in range(n):
+            orig, w, s = slots[e]
+            if s is None:
+                if w.shape != (out_dim, in_dim):
+                    raise CheckpointError(
+                        orig, f"expected shape ({out_dim}, {in_dim}), found {tuple(w.shape)}"
+                    )
+                ws.append(w)
+                continue
+            if w.dtype == mx.int8 or w.shape[-1] * 2 == in_dim:
+                wq, sc, bits = _fp4_to_mxfp4(orig, w, s, out_dim, in_dim)
+            else:
+                wq, sc, bits = _fp8_to_mxfp8(orig, w, s, out_dim, in_dim)
+            ws.append(wq)
+            ss.append(sc)
+            quant_bits[base] = bits
+        if ss and quant_bits[base] == 8 and expert_fp4:
+            raise CheckpointError(
+                slots[0][0], "config says expert_dtype fp4 but the experts are FP8"
+            )
+        if not ss and expert_fp4:
+            raise CheckpointError(
+                slots[0][0], "config says expert_dtype fp4 but the expert has no scale"
+            )
+        out[base + ".weight"] = mx.stack(ws)
+        if ss:
+            out[base + ".scales"] = mx.stack(ss)
+
+    if qcfg.get("quant_method") == "fp8" and not quant_bits:
+        raise CheckpointError(
+            "layers.0.attn.wq_a.weight",
+            "config.json has an FP8 quantization_config but no tensor has a .scale",
+        )
+
+    missing = [k for k in shapes if k not in out]
+    if missing:
+        raise CheckpointError(
+            missing[0],
+            f"missing from the checkpoint ({len(missing)} model parameter(s) "
+            f"have no tensor; first shown)",
+        )
+
+    if quant_bits:
+        def predicate(path, module):
+            bits = quant_bits.get(path)
+            if bits is None or not hasattr(module, "to_quantized"):
+                return False
+            mode = "mxfp8" if bits == 8 else "mxfp4"
+            return {"group_size": MX_GROUP, "bits": bits, "mode": mode}
+
+        nn.quantize(model, class_predicate=predicate)
+    return out
+
+
+def _sanitize_mlx(model, weights):
+    shapes = _logical_shapes(model)
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("tid2eid"):
+            v = v.astype(mx.int32)
+        elif k.endswith("wo_a.weight") and v.ndim == 2 and k in shapes and len(shapes[k]) == 3:
+            g = shapes[k][0]
+            v = v.reshape(g, v.shape[0] // g, -1)
+        elif (k.endswith("wo_a.scales") or k.endswith("wo_a.biases")) and v.ndim == 2:
+            g = shapes[k[: -len("scales")] + "weight"][0]
+            v = v.reshape(g, v.shape[0] // g, -1)
+        out[k] = v
+    return out

@@ -1,0 +1,876 @@
+"""DeepSeek-V4 (``model_type: deepseek_v4``) for mlx-lm.
+
+Follows DeepSeek's reference inference code: hyper-connection streams mixed
+with Sinkhorn-normalised matrices, single-KV-head attention over a sliding
+window plus compressed KV entries (ratio 4 with an indexer that picks the top-k
+entries, ratio 128 without), the FP8/FP4 rounding the model was trained with,
+interleaved RoPE (YaRN on compressed layers) and its inverse on the output, a
+grouped low-rank output projection, and a hash- or score-routed MoE with
+clipped SwiGLU experts plus a shared expert.
+
+Checkpoints in DeepSeek's own layout (FP8 e4m3 with E8M0 block scales, FP4
+e2m1 experts) are re-packed by ``Model.sanitize`` into MLX ``mxfp8`` and
+``mxfp4`` layers without dequantising; MLX-format conversions load as they are.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
+from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
+
+from .deepseek_v4_cache import BatchDeepseekV4Cache, DeepseekV4Cache
+
+try:  # the chat template module owns the tokenizer defaults
+    from ..chat_templates.deepseek_v4 import TOKENIZER_DEFAULTS  # noqa: F401
+except Exception:  # pragma: no cover - keeps the model usable on its own
+    pass
+
+SUPPORTED_RATIOS = (0, 4, 128)
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "head_dim",
+    "qk_rope_head_dim",
+    "q_lora_rank",
+    "o_lora_rank",
+    "o_groups",
+    "sliding_window",
+    "compress_ratios",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    qk_rope_head_dim: int
+    q_lora_rank: int
+    o_lora_rank: int
+    o_groups: int
+    sliding_window: int
+    compress_ratios: List[int]
+    n_routed_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    num_key_value_heads: int = 1
+    n_shared_experts: int = 1
+    num_hash_layers: int = 0
+    scoring_func: str = "sqrtsoftplus"
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    swiglu_limit: float = 0.0
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    max_position_embeddings: int = 1048576
+    num_nextn_predict_layers: int = 0
+    tie_word_embeddings: bool = False
+    quantization_config: Optional[Dict[str, Any]] = None
+    expert_dtype: Optional[str] = None
+    # Off only to compare with references that skip the QAT rounding.
+    qat_rounding: bool = True
+    layer_ids: Optional[List[int]] = field(default=None, repr=False)
+
+    @classmethod
+    def from_dict(cls, params):
+        missing = [k for k in _REQUIRED if k not in params]
+        if missing:
+            raise ValueError(
+                f"DeepSeek-V4 config.json lacks {len(missing)} required "
+                f"key(s): {', '.join(missing)}"
+            )
+        names = inspect.signature(cls).parameters
+        args = {k: v for k, v in params.items() if k in names}
+        args.setdefault("model_type", "deepseek_v4")
+        return cls(**args)
+
+    def __post_init__(self):
+        problems = []
+        n_layers = self.num_hidden_layers + self.num_nextn_predict_layers
+        ratios = list(self.compress_ratios or [])
+        if len(ratios) < self.num_hidden_layers:
+            problems.append(
+                f"compress_ratios has {len(ratios)} entries for "
+                f"{self.num_hidden_layers} layers"
+            )
+        bad = sorted({r for r in ratios if r not in SUPPORTED_RATIOS})
+        if bad:
+            problems.append(
+                f"compress ratio(s) {bad} unsupported (supported: {SUPPORTED_RATIOS})"
+            )
+        # MTP layers take the trailing entries; missing ones mean window only.
+        self.compress_ratios = (ratios + [0] * n_layers)[:n_layers]
+        if self.num_key_value_heads != 1:
+            problems.append(
+                f"num_key_value_heads={self.num_key_value_heads}; "
+                "DeepSeek-V4 has one shared KV head"
+            )
+        rope = self.qk_rope_head_dim
+        if rope % 2 or rope > self.head_dim or (self.head_dim - rope) % 64:
+            problems.append(
+                f"head_dim {self.head_dim} minus qk_rope_head_dim {rope} must be "
+                "a multiple of 64 (FP8 rounding blocks) and rope dims even"
+            )
+        if self.num_attention_heads % self.o_groups:
+            problems.append(
+                f"num_attention_heads {self.num_attention_heads} not divisible "
+                f"by o_groups {self.o_groups}"
+            )
+        if any(r == 4 for r in self.compress_ratios):
+            d = self.index_head_dim
+            if d & (d - 1) or d % 32 or d < rope:
+                problems.append(
+                    f"index_head_dim {d} must be a power of two, a multiple of "
+                    f"32 and at least qk_rope_head_dim {rope}"
+                )
+        if self.num_experts_per_tok > self.n_routed_experts:
+            problems.append(
+                f"num_experts_per_tok {self.num_experts_per_tok} exceeds "
+                f"n_routed_experts {self.n_routed_experts}"
+            )
+        if self.scoring_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
+            problems.append(f"scoring_func {self.scoring_func!r} unknown")
+        if self.rope_scaling:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ("yarn", "deepseek_yarn", None, "default"):
+                problems.append(f"rope_scaling type {kind!r} unsupported")
+        if problems:
+            raise ValueError(
+                "Unsupported DeepSeek-V4 configuration: " + "; ".join(problems)
+            )
+
+
+# ----------------------------------------------------------------------------
+# FP8 / FP4 rounding the model was trained with (QAT simulation)
+# ----------------------------------------------------------------------------
+
+
+def _exponent(x: mx.array) -> mx.array:
+    """floor(log2|x|) of normal float32 values, exactly, from the bits."""
+    bits = x.view(mx.uint32)
+    return ((bits >> 23) & 0xFF).astype(mx.int32) - 127
+
+
+def _pow2_scale(amax: mx.array, qmax: float) -> mx.array:
+    """Smallest power of two >= amax * fp32(1/qmax)."""
+    s = amax * mx.array(1.0 / qmax, dtype=mx.float32)
+    bits = s.view(mx.uint32)
+    e = _exponent(s) + ((bits & 0x7FFFFF) != 0).astype(mx.int32)
+    return mx.power(mx.array(2.0, dtype=mx.float32), e.astype(mx.float32))
+
+
+def _round_to_grid(q: mx.array, mant_bits: int, min_exp: int) -> mx.array:
+    """Round to a float grid with ``mant_bits`` mantissa bits, ties to even."""
+    e = mx.maximum(_exponent(mx.abs(q) + 0.0), min_exp)
+    step = mx.power(mx.array(2.0, dtype=mx.float32), (e - mant_bits).astype(mx.float32))
+    return mx.round(q / step) * step
+
+
+def qat_round(x: mx.array, block: int, fmt: str) -> mx.array:
+    """Round ``x`` through FP8 e4m3 (``fmt='fp8'``) or FP4 e2m1 (``'fp4'``) in
+    blocks of ``block`` along the last axis with power-of-two scales."""
+    dtype = x.dtype
+    shape = x.shape
+    xb = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // block, block)
+    amax = mx.max(mx.abs(xb), axis=-1, keepdims=True)
+    if fmt == "fp8":
+        qmax, floor, mant, min_exp = 448.0, 1e-4, 3, -6
+    else:
+        qmax, floor, mant, min_exp = 6.0, 6 * 2.0**-126, 1, 0
+    scale = _pow2_scale(mx.maximum(amax, floor), qmax)
+    q = mx.clip(xb / scale, -qmax, qmax)
+    # Zero has no exponent; any grid rounds it to zero.
+    q = mx.where(q == 0, 0.0, _round_to_grid(mx.where(q == 0, 1.0, q), mant, min_exp))
+    return (q * scale).reshape(shape).astype(dtype)
+
+
+_HADAMARD: Dict[Any, mx.array] = {}
+
+
+def hadamard(x: mx.array) -> mx.array:
+    """Normalised Sylvester-order Walsh-Hadamard transform of the last axis."""
+    n = x.shape[-1]
+    key = (n, x.dtype)
+    if key not in _HADAMARD:
+        h = mx.array([[1.0]])
+        while h.shape[0] < n:
+            h = mx.concatenate(
+                [mx.concatenate([h, h], 1), mx.concatenate([h, -h], 1)], 0
+            )
+        _HADAMARD[key] = (h * n**-0.5).astype(x.dtype)
+    return x @ _HADAMARD[key]
+
+
+# ----------------------------------------------------------------------------
+# RoPE: interleaved pairs on the last rope dims; YaRN frequencies only
+# ----------------------------------------------------------------------------
+
+
+class DeepseekV4RoPE:
+    """Rotates the last ``rope_dims`` of a vector, pairs (2i, 2i+1)."""
+
+    def __init__(self, rope_dims: int, base: float, scaling: Optional[dict] = None):
+        inv = [base ** (-2 * i / rope_dims) for i in range(rope_dims // 2)]
+        orig = (scaling or {}).get("original_max_position_embeddings", 0) or 0
+        if scaling and orig > 0:
+            factor = scaling.get("factor", 1.0)
+            fast = scaling.get("beta_fast", 32)
+            slow = scaling.get("beta_slow", 1)
+
+            def corr(rot):
+                return (
+                    rope_dims * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+                )
+
+            low = max(math.floor(corr(fast)), 0)
+            high = min(math.ceil(corr(slow)), rope_dims - 1)
+            if low == high:
+                high += 0.001
+            inv32 = mx.array(inv, dtype=mx.float32)
+            ramp = mx.clip(
+                (mx.arange(rope_dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1
+            )
+            # The reference blends in float32; keep its rounding.
+            inv = (inv32 / factor * ramp + inv32 * (1 - ramp)).tolist()
+        self.rope_dims = rope_dims
+        self.inv = inv
+        self._freqs: Dict[Any, mx.array] = {}
+
+    def freqs(self, head_dim: int, stride: int = 1, inverse: bool = False):
+        """Wavelengths for mx.fast.rope over the whole head: the leading
+        non-rope pairs get infinite wavelength (no rotation)."""
+        key = (head_dim, stride, inverse)
+        if key not in self._freqs:
+            sign = -1.0 if inverse else 1.0
+            f = [sign / (stride * mx.array(i, dtype=mx.float32).item()) for i in self.inv]
+            pad = [math.inf] * ((head_dim - self.rope_dims) // 2)
+            self._freqs[key] = mx.array(pad + f, dtype=mx.float32)
+        return self._freqs[key]
+
+    def __call__(self, x, offset: int, inverse: bool = False, stride: int = 1):
+        """Rotate ``x`` [..., L, head_dim] at positions stride*(offset + i)."""
+        d = x.shape[-1]
+        return mx.fast.rope(
+            x,
+            d,
+            traditional=True,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self.freqs(d, stride, inverse),
+        )
+
+
+# ----------------------------------------------------------------------------
+# Manifold-constrained hyper-connections
+# ----------------------------------------------------------------------------
+
+
+@mx.compile
+def _hc_mix_logits(h, fn, eps):
+    flat = h.reshape(*h.shape[:-2], -1).astype(mx.float32)
+    rs = mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + eps)
+    return (flat @ fn.T) * rs
+
+
+@mx.compile
+def _sinkhorn_split(mixes, scale, base, hc, iters, eps):
+    pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    comb = mixes[..., 2 * hc :] * scale[2] + base[2 * hc :]
+    comb = comb.reshape(*comb.shape[:-1], hc, hc)
+    comb = mx.softmax(comb, axis=-1, precise=True) + eps
+    comb = comb / (comb.sum(-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(-2, keepdims=True) + eps)
+    return pre, post, comb
+
+
+class HyperConnection(nn.Module):
+    """Collapses the hc streams to one sub-layer input, then expands back."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hc = args.hc_mult
+        self.hc = hc
+        self.iters = args.hc_sinkhorn_iters
+        self.eps = args.hc_eps
+        self.norm_eps = args.rms_norm_eps
+        self.fn = mx.zeros(((2 + hc) * hc, hc * args.hidden_size), dtype=mx.float32)
+        self.base = mx.zeros(((2 + hc) * hc,), dtype=mx.float32)
+        self.scale = mx.ones((3,), dtype=mx.float32)
+
+    def collapse(self, h):
+        mixes = _hc_mix_logits(h, self.fn, self.norm_eps)
+        pre, post, comb = _sinkhorn_split(
+            mixes, self.scale, self.base, self.hc, self.iters, self.eps
+        )
+        x = (pre[..., None] * h.astype(mx.float32)).sum(-2)
+        return x.astype(h.dtype), post, comb
+
+    @staticmethod
+    def expand(y, residual, post, comb):
+        # stream k = post_k * y + sum_j comb[j, k] * residual_j
+        mixed = comb.swapaxes(-1, -2) @ residual.astype(mx.float32)
+        out = post[..., None] * y[..., None, :].astype(mx.float32) + mixed
+        return out.astype(residual.dtype)
+
+
+class HyperHead(nn.Module):
+    """Final collapse of the hc streams (sigmoid weights, no Sinkhorn)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hc = args.hc_mult
+        self.eps = args.hc_eps
+        self.norm_eps = args.rms_norm_eps
+        self.fn = mx.zeros((hc, hc * args.hidden_size), dtype=mx.float32)
+        self.base = mx.zeros((hc,), dtype=mx.float32)
+        self.scale = mx.ones((1,), dtype=mx.float32)
+
+    def __call__(self, h):
+        mixes = _hc_mix_logits(h, self.fn, self.norm_eps)
+        pre = mx.sigmoid(mixes * self.scale + self.base) + self.eps
+        return (pre[..., None] * h.astype(mx.float32)).sum(-2).astype(h.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------
+
+
+class Compressor(nn.Module):
+    """Pools each block of ``ratio`` tokens into one KV entry (softmax over the
+    block per channel); ratio 4 blocks also pool the previous block through
+    the first half of the channels."""
+
+    def __init__(self, args: ModelArgs, ratio: int, dim: int, rope: DeepseekV4RoPE):
+        super().__init__()
+        self.ratio = ratio
+        self.dim = dim
+        self.overlap = ratio == 4
+        width = dim * (2 if self.overlap else 1)
+        self.wkv = nn.Linear(args.hidden_size, width, bias=False)
+        self.wgate = nn.Linear(args.hidden_size, width, bias=False)
+        self.ape = mx.zeros((ratio, width), dtype=mx.float32)
+        self.norm = nn.RMSNorm(dim, eps=args.rms_norm_eps)
+        self._rope = rope
+
+    def __call__(self, x, offset: int, kv_rows, score_rows):
+        """Feed tokens at positions [offset, offset+L).
+
+        ``kv_rows``/``score_rows`` hold the pending rows from earlier calls
+        (positions [start, offset)). Returns the new entries (normalised,
+        RoPE'd, not yet rounded), their first block index and the new
+        pending rows.
+        """
+        m, d = self.ratio, self.dim
+        B, L, _ = x.shape
+        kv = self.wkv(x).astype(mx.float32)
+        pos = mx.arange(offset, offset + L) % m
+        score = self.wgate(x).astype(mx.float32) + self.ape[pos]
+        if kv_rows is not None:
+            kv = mx.concatenate([kv_rows, kv], 1)
+            score = mx.concatenate([score_rows, score], 1)
+        start = offset - (0 if kv_rows is None else kv_rows.shape[1])
+        end = offset + L
+        first, last = offset // m, end // m  # new entries: blocks [first, last)
+        entries = None
+        if last > first:
+            lo = (first - 1) * m if self.overlap else first * m
+            if lo < start:  # block -1 of an overlapping first block: empty
+                pad = start - lo
+                kv = mx.concatenate([mx.zeros((B, pad, kv.shape[2])), kv], 1)
+                score = mx.concatenate(
+                    [mx.full((B, pad, kv.shape[2]), -mx.inf), score], 1
+                )
+                start = lo
+            blk_kv = kv[:, lo - start : last * m - start]
+            blk_sc = score[:, lo - start : last * m - start]
+            nb = last - first
+            if self.overlap:
+                blk_kv = blk_kv.reshape(B, nb + 1, m, 2 * d)
+                blk_sc = blk_sc.reshape(B, nb + 1, m, 2 * d)
+                blk_kv = mx.concatenate([blk_kv[:, :-1, :, :d], blk_kv[:, 1:, :, d:]], 2)
+                blk_sc = mx.concatenate([blk_sc[:, :-1, :, :d], blk_sc[:, 1:, :, d:]], 2)
+            else:
+                blk_kv = blk_kv.reshape(B, nb, m, d)
+                blk_sc = blk_sc.reshape(B, nb, m, d)
+            w = mx.softmax(blk_sc, axis=2, precise=True)
+            entries = (blk_kv * w).sum(2).astype(x.dtype)
+            entries = self.norm(entries)
+            # entry k sits at position k*m: stride-m rotation from block index
+            entries = self._rope(entries, first, stride=m)
+        keep = (last - 1) * m if (self.overlap and last > 0) else last * m
+        keep = max(keep, start)
+        rows_kv = kv[:, keep - start :] if end > keep else None
+        rows_sc = score[:, keep - start :] if end > keep else None
+        return entries, rows_kv, rows_sc
+
+
+class Indexer(nn.Module):
+    """Scores compressed entries for CSA and keeps the top ``index_topk``."""
+
+    def __init__(self, args: ModelArgs, rope: DeepseekV4RoPE):
+        super().__init__()
+        self.n_heads = args.index_n_heads
+        self.head_dim = args.index_head_dim
+        self.topk = args.index_topk
+        self.qat = args.qat_rounding
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(args, 4, self.head_dim, rope)
+        self._rope = rope
+
+    def rotate(self, v):
+        v = hadamard(v)
+        return qat_round(v, 32, "fp4") if self.qat else v
+
+    def queries(self, qr, offset):
+        B, L, _ = qr.shape
+        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
+        q = self._rope(q.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
+        return self.rotate(q)
+
+    def scores(self, q, x, keys):
+        """score[b, t, k] = sum_h w[b,t,h] relu(q[b,t,h] . keys[b,k])"""
+        w = self.weights_proj(x).astype(mx.float32)
+        w = w * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        dots = q @ keys[:, None].swapaxes(-1, -2)  # [B, L, H, N]
+        return (mx.maximum(dots.astype(mx.float32), 0) * w[..., None]).sum(2)
+
+
+class DeepseekV4Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.head_dim = args.head_dim
+        self.rope_dims = args.qk_rope_head_dim
+        self.window = args.sliding_window
+        self.ratio = args.compress_ratios[layer_id]
+        self.o_groups = args.o_groups
+        self.eps = args.rms_norm_eps
+        self.qat = args.qat_rounding
+        self.scale = self.head_dim**-0.5
+
+        self.wq_a = nn.Linear(args.hidden_size, args.q_lora_rank, bias=False)
+        self.q_norm = nn.RMSNorm(args.q_lora_rank, eps=args.rms_norm_eps)
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(args.hidden_size, self.head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.wo_a = MultiLinear(
+            self.n_heads * self.head_dim // args.o_groups, args.o_lora_rank, args.o_groups
+        )
+        self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, args.hidden_size, bias=False)
+        self.attn_sink = mx.zeros((self.n_heads,), dtype=mx.float32)
+
+        if self.ratio:
+            self._rope = DeepseekV4RoPE(
+                args.qk_rope_head_dim, args.compress_rope_theta, args.rope_scaling
+            )
+            self.compressor = Compressor(args, self.ratio, self.head_dim, self._rope)
+            if self.ratio == 4:
+                self.indexer = Indexer(args, self._rope)
+        else:
+            self._rope = DeepseekV4RoPE(args.qk_rope_head_dim, args.rope_theta)
+
+    def _round_kv(self, kv):
+        """FP8 round-trip of the non-rope dims (blocks of 64)."""
+        if not self.qat:
+            return kv
+        nope = self.head_dim - self.rope_dims
+        if nope == 0:
+            return kv
+        return mx.concatenate(
+            [qat_round(kv[..., :nope], 64, "fp8"), kv[..., nope:]], axis=-1
+        )
+
+    def __call__(self, x, cache=None):
+        B, L, _ = x.shape
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
+        q = mx.fast.rms_norm(q, None, self.eps)
+        kv = self.kv_norm(self.wkv(x))
+
+        if isinstance(cache, BatchDeepseekV4Cache):
+            outs = []
+            for b, lo, n in cache.segments(L):
+                if n == 0:
+                    outs.append(mx.zeros((1, L, self.n_heads, self.head_dim), q.dtype))
+                    continue
+                sl = (slice(b, b + 1), slice(lo, lo + n))
+                o = self._attend(x[sl], qr[sl], q[sl], kv[sl], cache.caches[b])
+                parts = [o]
+                if lo:
+                    parts.insert(0, mx.zeros((1, lo) + o.shape[2:], o.dtype))
+                if L - lo - n:
+                    parts.append(mx.zeros((1, L - lo - n) + o.shape[2:], o.dtype))
+                outs.append(mx.concatenate(parts, 1) if len(parts) > 1 else o)
+            o = mx.concatenate(outs, 0)
+        else:
+            if cache is None:
+                cache = DeepseekV4Cache(self.window, self.ratio)
+            o = self._attend(x, qr, q, kv, cache)
+
+        # grouped low-rank output projection: heads are cut into o_groups
+        G = self.o_groups
+        o = o.reshape(B, L, G, -1).transpose(0, 2, 1, 3)
+        o = self.wo_a(o).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.wo_b(o)
+
+    def _attend(self, x, qr, q, kv, cache: DeepseekV4Cache):
+        """Attention for tokens at positions [T, T+L) of one aligned batch."""
+        B, L = x.shape[:2]
+        T = cache.offset
+        q = self._rope(q.transpose(0, 2, 1, 3), T)  # [B, H, L, hd]
+        kv = self._round_kv(self._rope(kv, T))  # [B, L, hd]
+
+        # raw window: cached rows (positions [T-W0, T)) then the new ones
+        win = cache.window
+        keys = kv if win is None else mx.concatenate([win, kv], 1)
+        W0 = 0 if win is None else win.shape[1]
+        kpos = mx.arange(T - W0, T + L)
+        qpos = mx.arange(T, T + L)
+        mask = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - self.window)
+        mask = mx.broadcast_to(mask, (B, L, keys.shape[1]))
+
+        if self.ratio:
+            comp_keys, comp_mask = self._compressed(x, qr, T, cache)
+            if comp_keys is not None:
+                keys = mx.concatenate([keys, comp_keys], 1)
+                mask = mx.concatenate([mask, comp_mask], 2)
+
+        o = mx.fast.scaled_dot_product_attention(
+            q,
+            keys[:, None],
+            keys[:, None],
+            scale=self.scale,
+            mask=mask[:, None],
+            sinks=self.attn_sink.astype(q.dtype),
+        )
+        o = self._rope(o, T, inverse=True).transpose(0, 2, 1, 3)
+        cache.push_window(kv)
+        cache.offset = T + L
+        return o
+
+    def _compressed(self, x, qr, T, cache: DeepseekV4Cache):
+        """Update the compressed entries; return the keys each query may see
+        and the [B, L, N] visibility (and, for CSA, selection) mask."""
+        B, L = x.shape[:2]
+        m = self.ratio
+        new, cache.comp_kv, cache.comp_score = self.compressor(
+            x, T, cache.comp_kv, cache.comp_score
+        )
+        new_idx = None
+        if new is not None:
+            new = self._round_kv(new)
+            if m == 4:
+                new_idx, cache.index_kv, cache.index_score = self.indexer.compressor(
+                    x, T, cache.index_kv, cache.index_score
+                )
+                new_idx = self.indexer.rotate(new_idx)
+            cache.append_entries(new, new_idx)
+        elif m == 4:
+            _, cache.index_kv, cache.index_score = self.indexer.compressor(
+                x, T, cache.index_kv, cache.index_score
+            )
+        N = cache.n_comp
+        if N == 0:
+            return None, None
+        comp = cache.comp
+        qpos = mx.arange(T, T + L)
+        visible = mx.arange(N)[None] < ((qpos + 1) // m)[:, None]  # [L, N]
+        visible = mx.broadcast_to(visible, (B, L, N))
+        if m != 4 or N <= self.indexer.topk:
+            # every visible entry fits in the top-k
+            return comp, visible
+        iq = self.indexer.queries(qr, T)
+        score = self.indexer.scores(iq, x, cache.index)
+        score = mx.where(visible, score, -mx.inf)
+        k = self.indexer.topk
+        top = mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]  # [B, L, k]
+        if L == 1:
+            # decode: every entry is visible; gather the chosen ones
+            picked = mx.take_along_axis(comp, top[:, 0, :, None], axis=1)
+            return picked, mx.ones((B, 1, k), dtype=mx.bool_)
+        chosen = mx.put_along_axis(
+            mx.zeros((B, L, N), dtype=mx.bool_), top, mx.array(True), axis=-1
+        )
+        return comp, chosen & visible
+
+
+# ----------------------------------------------------------------------------
+# MoE
+# ----------------------------------------------------------------------------
+
+
+class MoEGate(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.hash = layer_id < args.num_hash_layers
+        self.scoring = args.scoring_func
+        self.route_scale = args.routed_scaling_factor
+        self.normalize = args.norm_topk_prob
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        if self.hash:
+            self.tid2eid = mx.zeros((args.vocab_size, self.top_k), dtype=mx.int32)
+        else:
+            self.e_score_correction_bias = mx.zeros(
+                (args.n_routed_experts,), dtype=mx.float32
+            )
+
+    def __call__(self, x, input_ids):
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        if self.scoring == "softmax":
+            scores = mx.softmax(logits, axis=-1, precise=True)
+        elif self.scoring == "sigmoid":
+            scores = mx.sigmoid(logits)
+        else:
+            scores = mx.sqrt(nn.softplus(logits))
+        if self.hash:
+            inds = self.tid2eid[input_ids]
+        else:
+            biased = scores + self.e_score_correction_bias
+            k = self.top_k
+            inds = mx.argpartition(-biased, kth=k - 1, axis=-1)[..., :k]
+        weights = mx.take_along_axis(scores, inds, axis=-1)
+        if self.scoring != "softmax" and self.normalize:
+            weights = weights / weights.sum(-1, keepdims=True)
+        return inds, weights * self.route_scale
+
+
+def _clipped_swiglu(gate, up, limit):
+    gate = gate.astype(mx.float32)
+    up = up.astype(mx.float32)
+    if limit > 0:
+        gate = mx.minimum(gate, limit)
+        up = mx.clip(up, -limit, limit)
+    return nn.silu(gate) * up
+
+
+class _SwitchLinear(SwitchLinear):
+    """SwitchLinear whose unquantized form also runs on MLX's CPU backend in
+    half precision (its gather_mm takes float32 only)."""
+
+    def __call__(self, x, indices, sorted_indices=False):
+        if self.weight.dtype == mx.float32 or mx.default_device() != mx.cpu:
+            return super().__call__(x, indices, sorted_indices)
+        y = mx.gather_mm(
+            x.astype(mx.float32),
+            self.weight.astype(mx.float32).swapaxes(-1, -2),
+            rhs_indices=indices,
+            sorted_indices=sorted_indices,
+        )
+        return y.astype(x.dtype)
+
+
+class SwitchClippedGLU(nn.Module):
+    """Routed experts: clipped SwiGLU, routing weight applied before
+    ``down_proj`` as in the reference."""
+
+    def __init__(self, dims: int, hidden: int, n_experts: int, limit: float):
+        super().__init__()
+        self.gate_proj = _SwitchLinear(dims, hidden, n_experts, bias=False)
+        self.up_proj = _SwitchLinear(dims, hidden, n_experts, bias=False)
+        self.down_proj = _SwitchLinear(hidden, dims, n_experts, bias=False)
+        self.limit = limit
+
+    def __call__(self, x, indices, weights):
+        x = mx.expand_dims(x, (-2, -3))
+        do_sort = indices.size >= 64
+        idx, inv = indices, None
+        w = weights[..., None, None]
+        if do_sort:
+            # group rows by expert so each expert's weights are read once
+            k = indices.shape[-1]
+            order = mx.argsort(indices.flatten())
+            inv = mx.argsort(order)
+            x = x.flatten(0, -3)[order // k]
+            idx = indices.flatten()[order]
+            w = weights.flatten()[order][:, None, None]
+        h = _clipped_swiglu(
+            self.gate_proj(x, idx, sorted_indices=do_sort),
+            self.up_proj(x, idx, sorted_indices=do_sort),
+            self.limit,
+        )
+        h = (h * w).astype(x.dtype)
+        y = self.down_proj(h, idx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv, indices.shape)
+        return y.squeeze(-2)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, dims: int, hidden: int, limit: float):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+        self.limit = limit
+
+    def __call__(self, x):
+        h = _clipped_swiglu(self.gate_proj(x), self.up_proj(x), self.limit)
+        return self.down_proj(h.astype(x.dtype))
+
+
+class DeepseekV4MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.gate = MoEGate(args, layer_id)
+        self.switch_mlp = SwitchClippedGLU(
+            args.hidden_size,
+            args.moe_intermediate_size,
+            args.n_routed_experts,
+            args.swiglu_limit,
+        )
+        self.shared_experts = SharedExpert(
+            args.hidden_size,
+            args.moe_intermediate_size * args.n_shared_experts,
+            args.swiglu_limit,
+        )
+
+    def __call__(self, x, input_ids):
+        inds, weights = self.gate(x, input_ids)
+        y = self.switch_mlp(x, inds, weights).astype(mx.float32).sum(-2)
+        y = y + self.shared_experts(x).astype(mx.float32)
+        return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Blocks and model
+# ----------------------------------------------------------------------------
+
+
+class DeepseekV4Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attn = DeepseekV4Attention(args, layer_id)
+        self.ffn = DeepseekV4MoE(args, layer_id)
+        self.attn_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.attn_hc = HyperConnection(args)
+        self.ffn_hc = HyperConnection(args)
+
+    def __call__(self, h, cache, input_ids):
+        x, post, comb = self.attn_hc.collapse(h)
+        y = self.attn(self.attn_norm(x), cache)
+        h = HyperConnection.expand(y, h, post, comb)
+        x, post, comb = self.ffn_hc.collapse(h)
+        y = self.ffn(self.ffn_norm(x), input_ids)
+        return HyperConnection.expand(y, h, post, comb)
+
+
+class MTPBlock(DeepseekV4Block):
+    """Multi-token prediction block (``mtp.N.*``): predicts the token after
+    next from the final hyper-connection state and the next token."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__(args, layer_id)
+        d = args.hidden_size
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.enorm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.hnorm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.hc_head = HyperHead(args)
+
+
+class DeepseekV4Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DeepseekV4Block(args, i) for i in range(args.num_hidden_layers)]
+        n = args.num_hidden_layers
+        self.mtp = [MTPBlock(args, n + i) for i in range(args.num_nextn_predict_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.hc_head = HyperHead(args)
+
+    def hidden(self, inputs, cache=None):
+        """Final hyper-connection state [B, L, hc, D] (input of ``hc_head``)."""
+        h = self.embed_tokens(inputs)
+        h = mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
+        if cache is None:
+            cache = [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c, inputs)
+        for c in cache:
+            if isinstance(c, BatchDeepseekV4Cache):
+                c.advance(inputs.shape[1])
+        return h
+
+    def __call__(self, inputs, cache=None):
+        return self.norm(self.hc_head(self.hidden(inputs, cache)))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DeepseekV4Model(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, **kwargs):
+        return self.lm_head(self.model(inputs, cache))
+
+    def mtp_logits(self, hidden, next_ids, cache=None, index: int = 0):
+        """Logits of MTP block ``index`` on the main model's final state
+        ``hidden`` [B, L, hc, D] and the following tokens ``next_ids``."""
+        blk = self.model.mtp[index]
+        e = blk.enorm(self.model.embed_tokens(next_ids))
+        x = blk.e_proj(e)[:, :, None] + blk.h_proj(blk.hnorm(hidden))
+        h = DeepseekV4Block.__call__(blk, x, cache, next_ids)
+        return self.lm_head(blk.norm(blk.hc_head(h)))
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self):
+        return [
+            DeepseekV4Cache(self.args.sliding_window, layer.attn.ratio)
+            for layer in self.layers
+        ]
+
+    @property
+    def cast_predicate(self):
+        # Kept in float32 as the reference does: small, precision-critical.
+        keep = ("_hc.", "hc_head.", "attn_sink", "e_score_correction_bias", ".ape", "ffn.gate.weight")
+
+        def predicate(k):
+            return not any(s in k for s in keep)
+
+        return predicate
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        from ..formats.deepseek_v4_checkpoint import sanitize_weights
+
+        return sanitize_weights(self, weights)
