@@ -1,0 +1,62 @@
+"""Command line: ``mlx-arch-plugins`` and ``python -m mlx_arch_plugins``."""
+
+import argparse
+import importlib
+import sys
+
+# Sub-commands that live in their own modules: imported only when asked for.
+DELEGATED = {
+    "make-tiny": ("mlx_arch_plugins.tiny", "write a tiny random DeepSeek-V4 checkpoint"),
+    "demo": ("mlx_arch_plugins.demo", "run the end-to-end demo"),
+}
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="mlx-arch-plugins",
+        description="Architectures for stock mlx-lm, served as plugins.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    doctor = sub.add_parser("doctor", help="show whether the plugin host works here, and why")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    for name, (module, text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (options: {name} --help)", add_help=False)
+    return parser
+
+
+def _delegate(command, argv):
+    module_name, _ = DELEGATED[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        print(
+            f"mlx-arch-plugins: the {command!r} command is not available in this "
+            f"installation (module {module_name} is missing)",
+            file=sys.stderr,
+        )
+        return 2
+    main = getattr(module, "main", None)
+    if not callable(main):
+        print(f"mlx-arch-plugins: {module_name} has no main(argv)", file=sys.stderr)
+        return 2
+    return main(argv)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        # Everything after the command name belongs to that command's own parser.
+        return _delegate(argv[0], argv[1:]) or 0
+    args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        from . import doctor
+
+        return doctor.main(as_json=args.json)
+    _parser().print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
