@@ -117,27 +117,23 @@ def apply(module) -> None:
     original = module.load
     wrapped = _wrap(original, module)
     module.load = wrapped
-    _patched["module"] = module
-    _patched["original"] = original
+    _patched.update(module=module, original=original, wrapped=wrapped)
     # mlx_lm.utils binds the function at import; rebind it if it already did.
     utils = sys.modules.get("mlx_lm.utils")
     if utils is not None and getattr(utils, "_load_tokenizer", None) is original:
         utils._load_tokenizer = wrapped
-        _patched["utils"] = utils
 
 
 def undo() -> None:
     """Restore the original ``load`` (and ``mlx_lm.utils``' reference to it)."""
     module = _patched.pop("module", None)
     original = _patched.pop("original", None)
-    utils = _patched.pop("utils", None)
+    wrapped = _patched.pop("wrapped", None)
     if module is None:
         return
-    if hasattr(module.load, _MARK):
+    if module.load is wrapped:
         module.load = original
-    if utils is not None and hasattr(getattr(utils, "_load_tokenizer", None), _MARK):
-        utils._load_tokenizer = original
-    # utils may have imported after apply() and bound the wrapper.
+    # mlx_lm.utils may have bound the wrapper, at its import or in apply().
     utils = sys.modules.get("mlx_lm.utils")
-    if utils is not None and hasattr(getattr(utils, "_load_tokenizer", None), _MARK):
+    if utils is not None and getattr(utils, "_load_tokenizer", None) is wrapped:
         utils._load_tokenizer = original
