@@ -17,9 +17,9 @@ What the fallback returns, per safetensors dtype:
   and as MLX's own 4-bit packing;
 * ``F64``: ``float64`` (mlx has no safetensors reader for it).
 
-The fallback maps the file (``mmap``) and copies one tensor at a time into
-mlx memory, dropping each mapped range afterwards, so resident memory stays
-near the size of the arrays returned, never twice the file.
+The fallback maps the file (``mmap``) and copies each tensor in chunks
+straight into its mlx buffer, dropping each mapped chunk right after, so
+resident memory stays near the size of the arrays returned.
 """
 
 from __future__ import annotations
@@ -69,27 +69,6 @@ DTYPE_BITS = {
     "F6_E3M2": 6,
     "F4": 4,
 }
-
-# Dtypes whose bytes numpy can view directly (little-endian on disk).
-_NUMPY_VIEW = {
-    "BOOL": np.bool_,
-    "U8": np.uint8,
-    "I8": np.int8,
-    "U16": np.dtype("<u2"),
-    "I16": np.dtype("<i2"),
-    "F16": np.dtype("<f2"),
-    "U32": np.dtype("<u4"),
-    "I32": np.dtype("<i4"),
-    "F32": np.dtype("<f4"),
-    "U64": np.dtype("<u8"),
-    "I64": np.dtype("<i8"),
-    "F64": np.dtype("<f8"),
-    "C64": np.dtype("<c8"),
-    "F8_E4M3": np.uint8,
-    "F8_E8M0": np.uint8,
-}
-
-DECODABLE = frozenset(_NUMPY_VIEW) | {"BF16", "F8_E5M2", "F4"}
 
 # mlx refuses headers this large; a sane one is a few MB at most.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -216,69 +195,95 @@ def read_header(path) -> Tuple[List[TensorInfo], Dict[str, str]]:
     return infos, metadata
 
 
-def _to_mx(path, info: TensorInfo, buf):
-    import mlx.core as mx
+# Storage dtype (mlx) each decodable safetensors dtype is copied into.
+_RAW_STORAGE = {
+    "BOOL": "bool_", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "F16": "float16", "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64",
+    "I64": "int64", "F64": "uint64", "C64": "complex64", "BF16": "uint16",
+    "F8_E4M3": "uint8", "F8_E8M0": "uint8", "F8_E5M2": "uint8", "F4": "uint8",
+}
 
-    count = info.end - info.begin
-    shape = info.shape
-    dt = info.dtype
-    if count == 0:  # zero-size: nothing to map
-        buf = b""
-        info = TensorInfo(info.name, dt, shape, 0, 0)
-    if dt in _NUMPY_VIEW:
-        npdt = np.dtype(_NUMPY_VIEW[dt])
-        a = np.frombuffer(buf, dtype=npdt, count=count // npdt.itemsize, offset=info.begin)
-        a = a.reshape(shape)
-        if dt == "F64":
-            return mx.array(a, dtype=mx.float64)
-        return mx.array(a)
-    if dt == "BF16":
-        a = np.frombuffer(buf, dtype="<u2", count=count // 2, offset=info.begin).reshape(shape)
-        return mx.array(a).view(mx.bfloat16)
-    if dt == "F8_E5M2":
-        a = np.frombuffer(buf, dtype=np.uint8, count=count, offset=info.begin).reshape(shape)
-        return mx.array((a.astype(np.uint16) << 8).view(np.float16))
-    if dt == "F4":
+DECODABLE = frozenset(_RAW_STORAGE)
+
+_CHUNK = 16 * 1024 * 1024
+
+
+def _storage_shape(path, info: TensorInfo):
+    if info.dtype == "F4":
+        shape = info.shape
         if shape and shape[-1] % 2:
             _fail(path, f"F4 shape {list(shape)} has an odd last dimension; cannot return whole bytes per row", info.name)
-        packed = shape[:-1] + (shape[-1] // 2,) if shape else ()
-        a = np.frombuffer(buf, dtype=np.uint8, count=count, offset=info.begin).reshape(packed)
-        return mx.array(a)
-    _fail(
-        path,
-        f"dtype {dt} is valid safetensors but neither mlx nor this reader decodes it "
-        f"(reader handles {', '.join(sorted(DECODABLE))})",
-        info.name,
-    )
+        return shape[:-1] + (shape[-1] // 2,) if shape else ()
+    return info.shape
 
 
-def load_safetensors(path, return_metadata: bool = False):
-    """Read a whole safetensors file into mlx arrays (see module docstring)."""
-    infos, metadata = read_header(path)
-    for info in infos:
-        if info.dtype not in DECODABLE:
-            _to_mx(path, info, b"")  # raises the clear error before any copy
+def _copy_tensor(path, info: TensorInfo, mm):
+    """Copy one tensor's bytes from the mapping straight into a fresh mlx buffer.
+
+    The copy runs in chunks and each chunk's mapped pages are dropped right
+    away, so at most one chunk of the file is resident besides the result.
+    """
     import mlx.core as mx
 
+    if info.dtype not in DECODABLE:
+        _fail(
+            path,
+            f"dtype {info.dtype} is valid safetensors but neither mlx nor this reader decodes it "
+            f"(reader handles {', '.join(sorted(DECODABLE))})",
+            info.name,
+        )
+    dst = mx.zeros(_storage_shape(path, info), dtype=getattr(mx, _RAW_STORAGE[info.dtype]))
+    mx.eval(dst)
+    n = info.end - info.begin
+    if n:
+        # mlx documents that a numpy view without copy shares the array's memory
+        out = np.array(dst, copy=False).reshape(-1).view(np.uint8)
+        assert out.nbytes == n
+        page = mmap.PAGESIZE
+        for off in range(0, n, _CHUNK):
+            c = min(_CHUNK, n - off)
+            out[off : off + c] = np.frombuffer(mm, dtype=np.uint8, count=c, offset=info.begin + off)
+            if hasattr(mmap, "MADV_DONTNEED"):
+                lo = ((info.begin + off) // page) * page
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED, lo, info.begin + off + c - lo)
+                except (OSError, ValueError):
+                    pass
+        del out
+    if info.dtype == "BF16":
+        dst = dst.view(mx.bfloat16)
+    elif info.dtype == "F64":
+        dst = dst.view(mx.float64)
+    elif info.dtype == "F8_E5M2":
+        # E5M2 is the high byte of an IEEE half: exact
+        dst = (dst.astype(mx.uint16) << 8).view(mx.float16)
+    mx.eval(dst)
+    return dst
+
+
+def load_safetensors(path, return_metadata: bool = False, names=None):
+    """Read a safetensors file (or only ``names``) into mlx arrays.
+
+    Only the byte ranges of the requested tensors are touched.
+    """
+    infos, metadata = read_header(path)
+    if names is not None:
+        wanted = set(names)
+        missing = wanted - {t.name for t in infos}
+        if missing:
+            _fail(path, "no such tensor in this file", sorted(missing)[0])
+        infos = [t for t in infos if t.name in wanted]
+    for info in infos:  # reject what we cannot decode before copying anything
+        if info.dtype not in DECODABLE:
+            _copy_tensor(path, info, None)
+        _storage_shape(path, info)
     out = {}
-    page = mmap.PAGESIZE
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         try:
             for info in infos:
-                arr = _to_mx(path, info, mm)
-                mx.eval(arr)
-                out[info.name] = arr
-                if info.end == info.begin:
-                    continue
-                # Drop the pages just copied so mapped bytes don't pile up in RSS.
-                if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                    lo = (info.begin // page) * page
-                    try:
-                        mm.madvise(mmap.MADV_DONTNEED, lo, info.end - lo)
-                    except OSError:
-                        pass
+                out[info.name] = _copy_tensor(path, info, mm)
         finally:
             if mm is not None:
                 mm.close()
