@@ -32,6 +32,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Callable, Iterator, List, Optional
 
@@ -182,34 +183,45 @@ def e2m1_values() -> np.ndarray:
     return np.concatenate([E2M1_MAGNITUDES, -E2M1_MAGNITUDES]).astype(np.float32)
 
 
-def _nearest_code(x: float, values: np.ndarray, sign_bit: int) -> int:
-    mags = values[:sign_bit]
-    mags = np.where(np.isnan(mags), np.inf, mags)
-    code = int(np.argmin(np.abs(mags - abs(x))))
-    return code | sign_bit if x < 0 else code
-
-
-def _normal_quantiles(n: int) -> List[float]:
+def _normal_quantiles(n: int) -> np.ndarray:
     nd = NormalDist()
-    return [nd.inv_cdf((i + 0.5) / n) for i in range(n)]
+    q = np.array([nd.inv_cdf((i + 0.5) / n) for i in range(n)])
+    return q / q.std()  # unit std
 
 
-# Uniform byte -> e4m3 code of 64 * N(0,1) quantile: fits e4m3's range (448).
-FP8_CODE_STD = 64.0
-_FP8_LUT = np.array(
-    [_nearest_code(FP8_CODE_STD * q, e4m3_values(), 0x80) for q in _normal_quantiles(256)],
-    dtype=np.uint8,
-)
-# Uniform nibble -> e2m1 code of 2 * N(0,1) quantile. The small negative
-# quantile rounds to -0, so code 8 appears like in real checkpoints.
-FP4_CODE_STD = 2.0
-_FP4_NIBBLE = np.array(
-    [_nearest_code(FP4_CODE_STD * q, e2m1_values(), 0x8) for q in _normal_quantiles(16)],
-    dtype=np.uint8,
-)
-_b = np.arange(256)
-_FP4_LUT = (_FP4_NIBBLE[_b & 15] | (_FP4_NIBBLE[_b >> 4] << 4)).astype(np.uint8)
-del _b
+_Q256 = _normal_quantiles(256)
+_Q16 = _normal_quantiles(16)
+
+
+def _nearest_codes(x: np.ndarray, values: np.ndarray, sign_bit: int) -> np.ndarray:
+    mags = values[:sign_bit].astype(np.float64)
+    mags = np.where(np.isnan(mags), np.inf, mags)
+    code = np.argmin(np.abs(np.abs(x)[:, None] - mags[None, :]), axis=1)
+    return np.where(x < 0, code | sign_bit, code).astype(np.uint8)
+
+
+def _calibrated(q, values, sign_bit, amp):
+    """Codes for amp * q, with amp corrected once so the code rms equals amp."""
+    codes = _nearest_codes(amp * q, values, sign_bit)
+    rms = float(np.sqrt(np.mean(np.square(values[codes].astype(np.float64)))))
+    return _nearest_codes(amp * amp / rms * q, values, sign_bit)
+
+
+@lru_cache(maxsize=None)
+def _fp8_lut(amp: float) -> np.ndarray:
+    """Uniform byte -> e4m3 code; the codes follow N(0, amp^2) quantiles."""
+    return _calibrated(_Q256, e4m3_values(), 0x80, amp)
+
+
+@lru_cache(maxsize=None)
+def _fp4_lut(amp: float) -> np.ndarray:
+    """Uniform byte -> two e2m1 codes, each following N(0, amp^2) quantiles.
+
+    The small negative quantile rounds to -0, so code 8 appears as in real
+    checkpoints."""
+    nib = _calibrated(_Q16, e2m1_values(), 0x8, amp)
+    b = np.arange(256)
+    return (nib[b & 15] | (nib[b >> 4] << 4)).astype(np.uint8)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -372,43 +384,56 @@ def _rng(seed: int, name: str, part: str, block: int) -> np.random.Generator:
     return np.random.default_rng([seed, key, block])
 
 
-# rms of 2**j for the per-block exponent jitter j in {-1, 0, 1}
-_JITTER_RMS = math.sqrt((0.25 + 1 + 4) / 3)
+# Each block gets a random power-of-two scale 2**(e0 + j); its codes use the
+# amplitude that keeps the block's values at the target std, so scales differ
+# block by block while every block has the same statistics.
+FP8_AMP = 48.0  # |codes| up to ~2.9 * 48 * 2 < 448 for j = -1
+FP4_AMP = 2.6  # |codes| up to ~1.9 * 2.6 * 1.2 < 6 for j = 0
 
 
-def _exp_for(std: float, code_values: np.ndarray) -> int:
-    code_rms = float(np.sqrt(np.mean(np.square(code_values))))
-    return int(round(math.log2(std / (code_rms * _JITTER_RMS))))
+def _fp8_e0(p: Param) -> int:
+    return int(round(math.log2(p.std / FP8_AMP)))
+
+
+def _fp4_e0(p: Param) -> int:
+    return int(round(math.log2(p.std / FP4_AMP)))
 
 
 def fp8_scale(p: Param, seed: int) -> np.ndarray:
     out, inp = p.shape
-    base = 127 + _exp_for(p.std, e4m3_values()[_FP8_LUT])
     shape = (-(-out // 128), -(-inp // 128))
     jitter = _rng(seed, p.name, "scale", 0).integers(-1, 2, size=shape)
-    return (base + jitter).astype(np.uint8)
+    return (127 + _fp8_e0(p) + jitter).astype(np.uint8)
 
 
 def fp4_scale_rows(p: Param, seed: int, b: int) -> np.ndarray:
     out, inp = p.shape
-    base = 127 + _exp_for(p.std, e2m1_values()[_FP4_NIBBLE])
     lo, hi = b * ROW_BLOCK, min(out, (b + 1) * ROW_BLOCK)
-    jit = _rng(seed, p.name, "scale", b).integers(-1, 2, size=(hi - lo, inp // 32))
-    return (base + jit).astype(np.uint8)
+    jit = _rng(seed, p.name, "scale", b).integers(0, 2, size=(hi - lo, inp // 32))
+    return (127 + _fp4_e0(p) + jit).astype(np.uint8)
 
 
 def fp8_codes_rows(p: Param, seed: int, b: int) -> np.ndarray:
     out, inp = p.shape
     lo, hi = b * ROW_BLOCK, min(out, (b + 1) * ROW_BLOCK)
     u = _rng(seed, p.name, "codes", b).integers(0, 256, size=(hi - lo, inp), dtype=np.uint8)
-    return _FP8_LUT[u]
+    scale_row = fp8_scale(p, seed)[lo // 128]
+    codes = np.empty_like(u)
+    for c, sb in enumerate(scale_row):
+        amp = round(p.std / 2.0 ** (int(sb) - 127), 9)
+        sl = slice(c * 128, (c + 1) * 128)
+        codes[:, sl] = _fp8_lut(amp)[u[:, sl]]
+    return codes
 
 
 def fp4_packed_rows(p: Param, seed: int, b: int) -> np.ndarray:
     out, inp = p.shape
     lo, hi = b * ROW_BLOCK, min(out, (b + 1) * ROW_BLOCK)
     u = _rng(seed, p.name, "codes", b).integers(0, 256, size=(hi - lo, inp // 2), dtype=np.uint8)
-    return _FP4_LUT[u]
+    e0 = _fp4_e0(p)
+    jit = np.repeat(fp4_scale_rows(p, seed, b).astype(np.int64) - 127 - e0, 16, axis=1)
+    packed = _fp4_lut(round(p.std / 2.0**e0, 9))[u]
+    return np.where(jit == 1, _fp4_lut(round(p.std / 2.0 ** (e0 + 1), 9))[u], packed)
 
 
 def plain_rows(p: Param, seed: int, b: int) -> np.ndarray:
