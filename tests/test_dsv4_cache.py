@@ -224,3 +224,13 @@ def test_generate_greedy_is_stable():
     first = greedy()
     assert first == greedy()
     assert len(set(first)) > 1
+
+
+def test_sparse_attention_blocks_do_not_change_results(model, tokens, full_logits, monkeypatch):
+    """CSA prefill processes queries in blocks; one query per block must give
+    the same logits as the default blocking."""
+    from mlx_arch_plugins.models.deepseek_v4 import DeepseekV4Attention
+
+    monkeypatch.setattr(DeepseekV4Attention, "_BLOCK_ELEMS", 1)
+    got = np.array(model(mx.array([tokens]))[0])
+    np.testing.assert_allclose(got, full_logits, atol=2e-4, rtol=0)

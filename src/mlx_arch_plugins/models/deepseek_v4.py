@@ -25,9 +25,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.pipeline import PipelineMixin
 from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
 
 from .deepseek_v4_cache import BatchDeepseekV4Cache, DeepseekV4Cache
+from .deepseek_v4_shard import pipeline_hidden, shard_model
 
 try:  # the chat template module owns the tokenizer defaults
     from ..chat_templates.deepseek_v4 import TOKENIZER_DEFAULTS  # noqa: F401
@@ -489,6 +491,7 @@ class DeepseekV4Attention(nn.Module):
         )
         self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, args.hidden_size, bias=False)
         self.attn_sink = mx.zeros((self.n_heads,), dtype=mx.float32)
+        self.sharding_group = None  # set by Model.shard
 
         if self.ratio:
             self._rope = DeepseekV4RoPE(
@@ -542,7 +545,10 @@ class DeepseekV4Attention(nn.Module):
         G = self.o_groups
         o = o.reshape(B, L, G, -1).transpose(0, 2, 1, 3)
         o = self.wo_a(o).transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.wo_b(o)
+        o = self.wo_b(o)
+        if self.sharding_group is not None:  # partial sums over head groups
+            o = mx.distributed.all_sum(o, group=self.sharding_group)
+        return o
 
     def _attend(self, x, qr, q, kv, cache: DeepseekV4Cache):
         """Attention for tokens at positions [T, T+L) of one aligned batch."""
@@ -560,69 +566,83 @@ class DeepseekV4Attention(nn.Module):
         mask = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - self.window)
         mask = mx.broadcast_to(mask, (B, L, keys.shape[1]))
 
-        if self.ratio:
-            comp_keys, comp_mask = self._compressed(x, qr, T, cache)
-            if comp_keys is not None:
-                keys = mx.concatenate([keys, comp_keys], 1)
-                mask = mx.concatenate([mask, comp_mask], 2)
-
-        o = mx.fast.scaled_dot_product_attention(
-            q,
-            keys[:, None],
-            keys[:, None],
-            scale=self.scale,
-            mask=mask[:, None],
-            sinks=self.attn_sink.astype(q.dtype),
-        )
+        sinks = self.attn_sink.astype(q.dtype)
+        N = self._update_compressed(x, T, cache) if self.ratio else 0
+        if self.ratio == 4 and N > self.indexer.topk:
+            o = self._sparse(q, keys, W0, T, x, qr, cache, sinks)
+        else:
+            if N:
+                # every visible entry is attended (HCA, or CSA whose
+                # visible entries all fit in the top-k)
+                qpos = mx.arange(T, T + L)
+                seen = mx.arange(N)[None] < ((qpos + 1) // self.ratio)[:, None]
+                keys = mx.concatenate([keys, cache.comp], 1)
+                mask = mx.concatenate([mask, mx.broadcast_to(seen, (B, L, N))], 2)
+            o = mx.fast.scaled_dot_product_attention(
+                q, keys[:, None], keys[:, None], scale=self.scale,
+                mask=mask[:, None], sinks=sinks,
+            )
         o = self._rope(o, T, inverse=True).transpose(0, 2, 1, 3)
         cache.push_window(kv)
         cache.offset = T + L
         return o
 
-    def _compressed(self, x, qr, T, cache: DeepseekV4Cache):
-        """Update the compressed entries; return the keys each query may see
-        and the [B, L, N] visibility (and, for CSA, selection) mask."""
-        B, L = x.shape[:2]
-        m = self.ratio
+    def _update_compressed(self, x, T, cache: DeepseekV4Cache) -> int:
+        """Feed the compressors; append completed entries; return their count."""
         new, cache.comp_kv, cache.comp_score = self.compressor(
             x, T, cache.comp_kv, cache.comp_score
         )
         new_idx = None
-        if new is not None:
-            new = self._round_kv(new)
-            if m == 4:
-                new_idx, cache.index_kv, cache.index_score = self.indexer.compressor(
-                    x, T, cache.index_kv, cache.index_score
-                )
-                new_idx = self.indexer.rotate(new_idx)
-            cache.append_entries(new, new_idx)
-        elif m == 4:
-            _, cache.index_kv, cache.index_score = self.indexer.compressor(
+        if self.ratio == 4:
+            new_idx, cache.index_kv, cache.index_score = self.indexer.compressor(
                 x, T, cache.index_kv, cache.index_score
             )
+            if new_idx is not None:
+                new_idx = self.indexer.rotate(new_idx)
+        if new is not None:
+            cache.append_entries(self._round_kv(new), new_idx)
+        return cache.n_comp
+
+    # Bound on the elements of one block's gathered keys / indexer products.
+    _BLOCK_ELEMS = 1 << 26
+
+    def _sparse(self, q, keys, W0, T, x, qr, cache, sinks):
+        """CSA with the indexer's top-k: each query attends to its own window
+        rows and its own chosen entries. Queries are processed in blocks and,
+        within a block, each one as a batch row of a one-query SDPA."""
+        B, H, L, hd = q.shape
+        win, k, m = self.window, self.indexer.topk, self.ratio
         N = cache.n_comp
-        if N == 0:
-            return None, None
-        comp = cache.comp
-        qpos = mx.arange(T, T + L)
-        visible = mx.arange(N)[None] < ((qpos + 1) // m)[:, None]  # [L, N]
-        visible = mx.broadcast_to(visible, (B, L, N))
-        if m != 4 or N <= self.indexer.topk:
-            # every visible entry fits in the top-k
-            return comp, visible
-        iq = self.indexer.queries(qr, T)
-        score = self.indexer.scores(iq, x, cache.index)
-        score = mx.where(visible, score, -mx.inf)
-        k = self.indexer.topk
-        top = mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]  # [B, L, k]
-        if L == 1:
-            # decode: every entry is visible; gather the chosen ones
-            picked = mx.take_along_axis(comp, top[:, 0, :, None], axis=1)
-            return picked, mx.ones((B, 1, k), dtype=mx.bool_)
-        chosen = mx.put_along_axis(
-            mx.zeros((B, L, N), dtype=mx.bool_), top, mx.array(True), axis=-1
-        )
-        return comp, chosen & visible
+        comp, index = cache.comp, cache.index
+        iq = self.indexer.queries(qr, T)  # [B, L, Hi, ihd]
+        span = win + k
+        bq = max(1, min(L, self._BLOCK_ELEMS // max(span * hd, self.indexer.n_heads * N)))
+        flat = comp.reshape(B * N, hd)
+        base = (mx.arange(B) * N)[:, None, None]
+        outs = []
+        for a in range(0, L, bq):
+            n = min(bq, L - a)
+            rows = mx.arange(a, a + n)
+            qpos = T + rows
+            seen = mx.arange(N)[None] < ((qpos + 1) // m)[:, None]  # [n, N]
+            score = self.indexer.scores(iq[:, a : a + n], x[:, a : a + n], index)
+            score = mx.where(seen, score, -mx.inf)
+            top = mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]  # [B, n, k]
+            ok_c = mx.take_along_axis(mx.broadcast_to(seen, (B, n, N)), top, axis=-1)
+            kc = flat[(top + base).reshape(-1)].reshape(B, n, k, hd)
+            # window rows of query t: key indices t-win+1 .. t (in `keys`)
+            iw = (rows + W0 - win + 1)[:, None] + mx.arange(win)[None]  # [n, win]
+            ok_w = mx.broadcast_to(iw >= 0, (B, n, win))
+            kw = keys[:, mx.maximum(iw, 0).reshape(-1)].reshape(B, n, win, hd)
+            kk = mx.concatenate([kw, kc], 2).reshape(B * n, 1, span, hd)
+            ok = mx.concatenate([ok_w, ok_c], 2).reshape(B * n, 1, 1, span)
+            qq = q[:, :, a : a + n].transpose(0, 2, 1, 3).reshape(B * n, H, 1, hd)
+            o = mx.fast.scaled_dot_product_attention(
+                qq, kk, kk, scale=self.scale, mask=ok, sinks=sinks
+            )
+            outs.append(o.reshape(B, n, H, hd))
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, 1)
+        return o.transpose(0, 2, 1, 3)
 
 
 # ----------------------------------------------------------------------------
@@ -755,11 +775,14 @@ class DeepseekV4MoE(nn.Module):
             args.moe_intermediate_size * args.n_shared_experts,
             args.swiglu_limit,
         )
+        self.sharding_group = None  # set by Model.shard
 
     def __call__(self, x, input_ids):
         inds, weights = self.gate(x, input_ids)
         y = self.switch_mlp(x, inds, weights).astype(mx.float32).sum(-2)
         y = y + self.shared_experts(x).astype(mx.float32)
+        if self.sharding_group is not None:  # partial sums over expert widths
+            y = mx.distributed.all_sum(y, group=self.sharding_group)
         return y.astype(x.dtype)
 
 
@@ -802,7 +825,7 @@ class MTPBlock(DeepseekV4Block):
         self.hc_head = HyperHead(args)
 
 
-class DeepseekV4Model(nn.Module):
+class DeepseekV4Model(PipelineMixin, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -817,10 +840,7 @@ class DeepseekV4Model(nn.Module):
         """Final hyper-connection state [B, L, hc, D] (input of ``hc_head``)."""
         h = self.embed_tokens(inputs)
         h = mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
-        if cache is None:
-            cache = [None] * len(self.layers)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, c, inputs)
+        h, cache = pipeline_hidden(self, h, inputs, cache)
         for c in cache:
             if isinstance(c, BatchDeepseekV4Cache):
                 c.advance(inputs.shape[1])
@@ -852,7 +872,12 @@ class Model(nn.Module):
 
     @property
     def layers(self):
-        return self.model.layers
+        # this pipeline rank's layers (all of them without pipelining)
+        return self.model.pipeline_layers
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Tensor-parallel split over ``group`` (see deepseek_v4_shard)."""
+        shard_model(self, group)
 
     def make_cache(self):
         return [
