@@ -32,6 +32,17 @@ if not hasattr(_tu.load, "_mlx_arch_plugins_original"):
     _tokenizer_patch.apply(_tu)
     (HERE / "tokenizer_patch_scaffold_used").write_text("1", encoding="utf-8")
 
+import sys  # noqa: E402
+
+for _name in ("mlx_lm.server", "__main__"):
+    _server = sys.modules.get(_name)
+    _fmt = getattr(_server, "ToolCallFormatter", None)
+    if _fmt is not None and not hasattr(_fmt.__call__, "_mlx_arch_plugins_original"):
+        from mlx_arch_plugins import _server_patch
+
+        _server_patch.apply(_server)
+        (HERE / "server_patch_scaffold_used").write_text(_name, encoding="utf-8")
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):

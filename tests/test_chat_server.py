@@ -67,8 +67,11 @@ def server(tmp_path_factory):
     port = _free_port()
     log = open(folder / "server.log", "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The console script, as users run it (``python -m`` would run the server as __main__).
+    script = Path(sys.executable).parent / "mlx_lm.server"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mlx_lm.server"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm.server", "--model", str(folder),
+        command + ["--model", str(folder),
          "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
@@ -239,6 +242,63 @@ def test_chat_mode_completion_with_tool_call(server, client):
 
 
 def test_wiring_needed_no_scaffolding(server):
-    """The installed plugin itself wired the tokenizer patch in the server process."""
+    """The installed plugin itself wired its patches in the server process."""
     if (server.folder / "tokenizer_patch_scaffold_used").exists():
         pytest.xfail("mlx_arch_plugins._patches does not apply _tokenizer_patch yet")
+    if (server.folder / "server_patch_scaffold_used").exists():
+        pytest.xfail("mlx_arch_plugins._patches does not apply _server_patch yet")
+
+
+MALFORMED = [
+    # (decode case, finish reason the server reports)
+    ("dec-017-missing-string-attr", "stop"),
+    ("dec-018-duplicate-parameter", "stop"),
+    ("dec-015-truncated-tool-block", "length"),
+]
+
+
+def _after_think(case):
+    text = case["completion_text"]
+    if case["thinking_mode"] == "thinking":
+        reasoning, text = text.split("</think>", 1)
+    else:
+        reasoning = ""
+    return reasoning, text[: -len(cs.EOS)] if text.endswith(cs.EOS) else text
+
+
+@pytest.mark.parametrize("cid,finish", MALFORMED)
+@pytest.mark.parametrize("stream", [False, True])
+def test_malformed_block_comes_back_as_content(server, client, cid, finish, stream):
+    """A block the parser rejects is neither dropped nor a crash: its text is content."""
+    case = DECODE[cid]
+    ids = case["completion_token_ids"]
+    server.script(ids)
+    reasoning, content = _after_think(case)
+    kwargs = dict(
+        model="default_model",
+        messages=[{"role": "user", "content": "go"}],
+        tools=ENCODE["enc-016-parallel-calls-mixed-types"]["tools"],
+        temperature=0.0,
+        # Truncated case: stop exactly where the text ends.
+        max_tokens=len(ids) if finish == "length" else 300,
+    )
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        got = (
+            (choice.message.model_extra or {}).get("reasoning", ""),
+            choice.message.content,
+            choice.message.tool_calls,
+            choice.finish_reason,
+        )
+    else:
+        r, c, calls, fin = "", "", [], None
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            if not chunk.choices:
+                continue
+            d = chunk.choices[0].delta
+            r += (d.model_extra or {}).get("reasoning") or ""
+            c += d.content or ""
+            calls += d.tool_calls or []
+            fin = chunk.choices[0].finish_reason or fin
+        got = (r, c, calls or None, fin)
+    assert got == (reasoning, content, None, finish)

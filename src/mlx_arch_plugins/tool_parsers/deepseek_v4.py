@@ -155,6 +155,21 @@ def parse_tool_call(text: str, tools: Optional[List[Any]] = None):
     return calls
 
 
+def unparsed_text(text: str) -> str:
+    """The completion text of a block that did not parse, markers included.
+
+    mlx_lm.server strips the markers; a block whose last invoke is closed ended
+    with ``tool_call_end`` (it only fails inside), a truncated one did not.
+    """
+    closed = text.rstrip().endswith(_INVOKE_CLOSE)
+    return tool_call_start + text + (tool_call_end if closed else "")
+
+
+# Read by mlx_arch_plugins._server_patch: failed blocks go back into the content.
+parse_tool_call.keep_unparsed_as_content = True
+parse_tool_call.unparsed_text = unparsed_text
+
+
 # --------------------------------------------------------------------------
 # Whole-message parsing (reference acceptance rules)
 
