@@ -37,6 +37,8 @@ _ARRAY_FIELDS = (
 )
 
 _GROW_STEP = 256
+# Stands for a missing array in ``state`` (mlx 0.31 cannot save 0-size arrays).
+_ABSENT = mx.zeros((1,))
 
 
 def _nbytes(a: Optional[mx.array]) -> int:
@@ -94,20 +96,24 @@ class DeepseekV4Cache(_BaseCache):
         self.window = rows[:, -self.sliding_window :]
 
     # -- mlx-lm cache protocol -------------------------------------------------
+    # ``state`` holds arrays only (0.31.x saves nothing else): the three
+    # integers travel as one small array, a missing array as ``_ABSENT``.
     @property
     def state(self):
-        return [self.offset, self.sliding_window, self.compress_ratio] + [
-            getattr(self, f) for f in _ARRAY_FIELDS
+        head = mx.array([self.offset, self.sliding_window, self.compress_ratio])
+        return [head] + [
+            _ABSENT if getattr(self, f) is None else getattr(self, f)
+            for f in _ARRAY_FIELDS
         ]
 
     @state.setter
     def state(self, v):
-        self.offset, self.sliding_window, self.compress_ratio = (int(x) for x in v[:3])
-        arrays = dict(zip(_ARRAY_FIELDS, v[3:]))
-        # An empty array stands for None after a save/load round trip on
-        # versions that do not keep None.
+        self.offset, self.sliding_window, self.compress_ratio = (
+            int(x) for x in v[0].tolist()
+        )
         arrays = {
-            k: (None if a is None or a.size == 0 else a) for k, a in arrays.items()
+            k: (None if a is None or a.ndim != 3 else a)
+            for k, a in zip(_ARRAY_FIELDS, v[1:])
         }
         self.window = arrays["window"]
         self._comp = arrays["comp"]
@@ -118,14 +124,14 @@ class DeepseekV4Cache(_BaseCache):
 
     @property
     def meta_state(self):
-        return tuple(str(x) for x in self.state[:3])
+        return (str(self.offset), str(self.sliding_window), str(self.compress_ratio))
 
     @meta_state.setter
     def meta_state(self, v):
         self.offset, self.sliding_window, self.compress_ratio = (int(x) for x in v)
 
     @classmethod
-    def from_state(cls, state):
+    def from_state(cls, state, meta_state=None):
         obj = cls.__new__(cls)
         obj.state = state
         return obj
@@ -224,6 +230,20 @@ class BatchDeepseekV4Cache(_BaseCache):
     @state.setter
     def state(self, v):
         self.caches = [DeepseekV4Cache.from_state(s) for s in v]
+
+    @property
+    def meta_state(self):
+        return ()
+
+    @meta_state.setter
+    def meta_state(self, v):
+        pass
+
+    @classmethod
+    def from_state(cls, state, meta_state=None):
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
         self._lead = self._lengths = None
         self._pos = 0
 
