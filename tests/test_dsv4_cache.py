@@ -6,12 +6,15 @@ import copy
 import mlx.core as mx
 import numpy as np
 import pytest
+
 from dsv4_golden import inputs, load_case
 from mlx_lm.models.cache import (
     load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
 )
+
+pytestmark = pytest.mark.compat
 
 # b: window 32, HCA entries + CSA with top-32 of up to 65 entries (the
 # indexer really selects), 250-token prompt.

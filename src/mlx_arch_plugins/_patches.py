@@ -7,7 +7,8 @@ and is the smallest change that works on every supported mlx-lm version:
 * ``mlx_lm.models.cache``: ``load_prompt_cache`` looks cache classes up by name
   in that module, so the DeepSeek-V4 cache classes are added to it.
 * ``mlx_lm.utils``: stock ``load_model`` reads every shard with ``mx.load``
-  before it knows the model, so the safetensors dtype shim goes in here.
+  before it knows the model, so the safetensors dtype shim goes in here; and
+  checkpoint errors raised by ``sanitize`` get the shard file added.
 * ``mlx_lm.tokenizer_utils``: DeepSeek-V4's official chat encoding and the
   tokenizer.json fallback (see ``_tokenizer_patch``).
 """
@@ -42,6 +43,58 @@ def _install_shim(_utils_module):
         _undo.append(safetensors_shim.uninstall)
 
 
+def _file_of(model_path, tensor):
+    """The shard of ``model_path`` that holds ``tensor`` (None if unknown)."""
+    import glob
+    import json
+    from pathlib import Path
+
+    from .formats.safetensors_shim import read_header
+
+    index = Path(model_path) / "model.safetensors.index.json"
+    try:
+        if index.exists():
+            name = json.loads(index.read_text()).get("weight_map", {}).get(tensor)
+            if name:
+                return str(Path(model_path) / name)
+        for f in sorted(glob.glob(str(Path(model_path) / "model*.safetensors"))):
+            if any(t.name == tensor for t in read_header(f)[0]):
+                return f
+    except Exception:
+        return None
+    return None
+
+
+def _name_files_in_errors(utils_module):
+    """``sanitize`` knows the tensor a problem is about, not its file:
+    ``load_model`` adds the file to DeepSeek-V4 checkpoint errors."""
+    from .formats.deepseek_v4_checkpoint import CheckpointError
+
+    original = utils_module.load_model
+
+    def load_model(model_path, *args, **kwargs):
+        try:
+            return original(model_path, *args, **kwargs)
+        except CheckpointError as e:
+            where = _file_of(model_path, e.tensor) or f"the checkpoint in {model_path}"
+            raise CheckpointError(e.tensor, f"{e.args[0].split(': ', 1)[1]} (in {where})") from None
+
+    load_model.__wrapped__ = original
+    load_model.__doc__ = original.__doc__
+    utils_module.load_model = load_model
+
+    def undo():
+        if utils_module.load_model is load_model:
+            utils_module.load_model = original
+
+    _undo.append(undo)
+
+
+def _prepare_utils(utils_module):
+    _install_shim(utils_module)
+    _name_files_in_errors(utils_module)
+
+
 def _patch_tokenizer(module):
     from . import _tokenizer_patch
 
@@ -51,7 +104,7 @@ def _patch_tokenizer(module):
 
 _STEPS = {
     "mlx_lm.models.cache": _register_caches,
-    "mlx_lm.utils": _install_shim,
+    "mlx_lm.utils": _prepare_utils,
     "mlx_lm.tokenizer_utils": _patch_tokenizer,
 }
 
