@@ -8,7 +8,8 @@ and is the smallest change that works on every supported mlx-lm version:
   in that module, so the DeepSeek-V4 cache classes are added to it.
 * ``mlx_lm.utils``: stock ``load_model`` reads every shard with ``mx.load``
   before it knows the model, so the safetensors dtype shim goes in here; and
-  checkpoint errors raised by ``sanitize`` get the shard file added.
+  checkpoint errors raised by ``sanitize`` get the shard file added; and
+  ``mlx_lm.convert`` learns to (de)quantize official FP8/FP4 layers.
 * ``mlx_lm.tokenizer_utils``: DeepSeek-V4's official chat encoding and the
   tokenizer.json fallback (see ``_tokenizer_patch``).
 """
@@ -90,9 +91,73 @@ def _name_files_in_errors(utils_module):
     _undo.append(undo)
 
 
+def _is_dsv4(model):
+    return getattr(model, "model_type", None) == "deepseek_v4"
+
+
+def _dequantize_multilinear(model):
+    """Stock ``dequantize_model`` skips ``QuantizedMultiLinear`` (wo_a)."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
+
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedMultiLinear):
+            w = mx.dequantize(
+                m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode
+            )
+            dense = MultiLinear(w.shape[2], w.shape[1], w.shape[0])
+            dense.weight = w
+            layers.append((name, dense))
+    if layers:
+        model.update_modules(tree_unflatten(layers))
+    return model
+
+
+def _convert_support(utils_module):
+    """``mlx_lm.convert`` of a DeepSeek-V4 checkpoint: ``--dequantize`` also
+    dequantizes the grouped ``wo_a``; ``-q`` re-quantizes layers that came
+    packed from the official FP8/FP4 format instead of keeping them as they
+    are (each weight goes through one lazy dequantize -> quantize, never a
+    dequantized copy of the model)."""
+    orig_quantize = utils_module.quantize_model
+    orig_dequantize = utils_module.dequantize_model
+
+    def dequantize_model(model):
+        model = orig_dequantize(model)
+        return _dequantize_multilinear(model) if _is_dsv4(model) else model
+
+    def quantize_model(model, config, *args, **kwargs):
+        if _is_dsv4(model) and getattr(model, "_official_packed", False):
+            model = dequantize_model(model)
+            model._official_packed = False
+            config = {
+                k: v
+                for k, v in config.items()
+                if k not in ("quantization_config", "expert_dtype")
+            }
+        return orig_quantize(model, config, *args, **kwargs)
+
+    for fn, orig in ((quantize_model, orig_quantize), (dequantize_model, orig_dequantize)):
+        fn.__wrapped__ = orig
+        fn.__doc__ = orig.__doc__
+    utils_module.quantize_model = quantize_model
+    utils_module.dequantize_model = dequantize_model
+
+    def undo():
+        if utils_module.quantize_model is quantize_model:
+            utils_module.quantize_model = orig_quantize
+        if utils_module.dequantize_model is dequantize_model:
+            utils_module.dequantize_model = orig_dequantize
+
+    _undo.append(undo)
+
+
 def _prepare_utils(utils_module):
     _install_shim(utils_module)
     _name_files_in_errors(utils_module)
+    _convert_support(utils_module)
 
 
 def _patch_tokenizer(module):

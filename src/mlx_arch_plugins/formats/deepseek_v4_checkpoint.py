@@ -246,16 +246,37 @@ def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]
             f"have no tensor; first shown)",
         )
 
-    if quant_bits:
-        def predicate(path, module):
-            bits = quant_bits.get(path)
-            if bits is None or not hasattr(module, "to_quantized"):
-                return False
-            mode = "mxfp8" if bits == 8 else "mxfp4"
-            return {"group_size": MX_GROUP, "bits": bits, "mode": mode}
-
-        nn.quantize(model, class_predicate=predicate)
+    model._official_packed = bool(quant_bits)
+    _quantize_packed(model, out)
     return out
+
+
+def _packed_params(module, weights, path):
+    """group_size / bits / mode of a packed weight, from its shapes."""
+    in_dims = module.weight.shape[-1]
+    scales = weights[path + ".scales"]
+    bits = weights[path + ".weight"].shape[-1] * 32 // in_dims
+    group = in_dims // scales.shape[-1]
+    if scales.dtype != mx.uint8:
+        return {"group_size": group, "bits": bits, "mode": "affine"}
+    modes = {(4, 32): "mxfp4", (8, 32): "mxfp8", (4, 16): "nvfp4"}
+    if (bits, group) not in modes:
+        raise CheckpointError(
+            path + ".weight", f"cannot tell the packing of {bits} bits per group of {group}"
+        )
+    return {"group_size": group, "bits": bits, "mode": modes[(bits, group)]}
+
+
+def _quantize_packed(model, weights):
+    """Turn every layer whose weights arrive packed into the matching
+    quantized layer, from the tensors themselves (no config needed)."""
+
+    def predicate(path, module):
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        return _packed_params(module, weights, path)
+
+    nn.quantize(model, class_predicate=predicate)
 
 
 def _sanitize_mlx(model, weights):
@@ -271,4 +292,8 @@ def _sanitize_mlx(model, weights):
             g = shapes[k[: -len("scales")] + "weight"][0]
             v = v.reshape(g, v.shape[0] // g, -1)
         out[k] = v
+    if getattr(model.args, "quantization", None) is None:
+        # Packed layers but no "quantization" config (e.g. saved from an
+        # official checkpoint without re-quantizing): infer from the tensors.
+        _quantize_packed(model, out)
     return out
