@@ -64,9 +64,9 @@ def build(dst: Path, layers: int, experts: int, seed: int) -> float:
     return time.perf_counter() - t
 
 
-def measure(d: Path) -> dict:
+def measure(d: Path, python: str) -> dict:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(d)], capture_output=True, text=True)
+    r = subprocess.run([python, "-c", _CHILD, str(d)], capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         sys.stderr.write(r.stderr)
@@ -83,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", help="build into this directory and keep it")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter that loads the checkpoint (e.g. a venv with mlx 0.31)")
     args = ap.parse_args(argv)
 
     tmp = None
@@ -100,7 +102,7 @@ def main(argv=None):
         size = checkpoint_bytes(d)
         if size < 2 * 10**9:
             print(f"note: checkpoint is {size / 1e9:.2f} GB (< 2 GB)", file=sys.stderr)
-        r = measure(d)
+        r = measure(d, args.python)
         result = {
             "benchmark": "load_official",
             "checkpoint": str(d),

@@ -50,7 +50,16 @@ def affine4(official, tmp_path_factory):
     return convert(official["official"], tmp_path_factory.mktemp("a4") / "out", quantize=True, q_bits=4, q_group_size=64)
 
 
+def _mlx_lm_version():
+    from importlib.metadata import version
+
+    return tuple(int(x) for x in version("mlx-lm").split(".")[:2])
+
+
 @pytest.mark.compat
+@pytest.mark.xfail(_mlx_lm_version() < (0, 32), strict=True,
+                   reason="reported to lead: on mlx-lm 0.31 the reload applies the global affine-4 entry "
+                          "to the kept mxfp8/mxfp4 layers (no per-layer quantization entries in config.json)")
 def test_official_to_affine4_reloads_and_generates(affine4):
     model, toks = greedy(affine4)
     assert 1 <= len(toks) <= 4 and all(0 <= t < 256 for t in toks)
