@@ -18,7 +18,16 @@ import pytest
 
 import chat_support as cs
 
-pytestmark = pytest.mark.compat
+# mlx-lm < 0.32 matches tool markers on token ids; "\n\n<｜DSML｜tool_calls>" has no
+# stable token sequence (">\n", ".\n\n" merge), so tool calls are not detected there
+# and the DSML stays in the content (nothing is lost). See docs/chat.md.
+import importlib  # noqa: E402
+
+# (the mlx_lm package attribute "generate" is the function, not the module)
+TEXT_MARKERS = hasattr(importlib.import_module("mlx_lm.generate"), "TextStateMachine")
+needs_text_markers = pytest.mark.xfail(
+    not TEXT_MARKERS, reason="mlx-lm < 0.32 matches tool markers on tokens", strict=True
+)
 
 ENCODE = {c["id"]: c for c in cs.encode_cases()}
 DECODE = {c["id"]: c for c in cs.decode_cases()}
@@ -120,6 +129,7 @@ def _ok_reply(server):
     server.script(DECODE["dec-001-chat-plain"]["completion_token_ids"])
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     "cid,extra",
     [
@@ -161,11 +171,11 @@ def _expected_message(case):
 
 
 STREAM_CASES = [
-    "dec-003-thinking-single-tool-call",
-    "dec-004-thinking-content-and-tool-call",
-    "dec-006-parallel-mixed-types",
-    "dec-007-string-values-raw",
-    "dec-002-thinking-plain",
+    pytest.param("dec-003-thinking-single-tool-call", marks=needs_text_markers),
+    pytest.param("dec-004-thinking-content-and-tool-call", marks=needs_text_markers),
+    pytest.param("dec-006-parallel-mixed-types", marks=needs_text_markers),
+    pytest.param("dec-007-string-values-raw", marks=needs_text_markers),
+    pytest.param("dec-002-thinking-plain", marks=pytest.mark.compat),
 ]
 
 
@@ -221,6 +231,7 @@ def test_dsml_completion_streaming(server, client, cid):
     assert finish == ("tool_calls" if exp_calls else "stop")
 
 
+@needs_text_markers
 def test_chat_mode_completion_with_tool_call(server, client):
     case = DECODE["dec-005-chat-tool-call-only"]
     server.script(case["completion_token_ids"])
@@ -241,6 +252,7 @@ def test_chat_mode_completion_with_tool_call(server, client):
     ]
 
 
+@pytest.mark.compat
 def test_wiring_needed_no_scaffolding(server):
     """The installed plugin itself wired its patches in the server process."""
     if (server.folder / "tokenizer_patch_scaffold_used").exists():
@@ -266,6 +278,7 @@ def _after_think(case):
     return reasoning, text[: -len(cs.EOS)] if text.endswith(cs.EOS) else text
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("cid,finish", MALFORMED)
 @pytest.mark.parametrize("stream", [False, True])
 def test_malformed_block_comes_back_as_content(server, client, cid, finish, stream):
