@@ -1,0 +1,108 @@
+"""_server_patch on stand-in classes shaped like mlx_lm.server's (both versions)."""
+
+import importlib
+import types
+
+import pytest
+
+from mlx_arch_plugins import _server_patch
+from mlx_arch_plugins.tool_parsers import deepseek_v4 as parser
+
+GOOD = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string="false">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+BAD_CLOSED = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+TRUNCATED = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string="true">Ber'
+
+
+@pytest.fixture()
+def server_module():
+    """The real mlx_lm.server classes, patched and restored around each test."""
+    server = importlib.import_module("mlx_lm.server")
+    already = hasattr(server.ToolCallFormatter.__call__, "_mlx_arch_plugins_original")
+    if already:  # the installed plugin patched it: test on a fresh copy of the classes
+        fmt = types.new_class("ToolCallFormatter", (server.ToolCallFormatter,))
+        fmt.__call__ = getattr(server.ToolCallFormatter.__call__, "_mlx_arch_plugins_original")
+        handler = types.new_class("APIHandler", (object,))
+        handler.generate_response = getattr(
+            server.APIHandler.generate_response, "_mlx_arch_plugins_original"
+        )
+        module = types.SimpleNamespace(ToolCallFormatter=fmt, APIHandler=handler)
+    else:
+        module = types.SimpleNamespace(
+            ToolCallFormatter=types.new_class("ToolCallFormatter", (server.ToolCallFormatter,)),
+            APIHandler=types.new_class("APIHandler", (object,)),
+        )
+        module.APIHandler.generate_response = server.APIHandler.generate_response
+    saved = dict(_server_patch._patched)
+    _server_patch._patched.clear()
+    _server_patch.apply(module)
+    yield module
+    _server_patch.undo()
+    _server_patch._patched.update(saved)
+
+
+class _Handler:
+    """Just enough state for APIHandler.generate_response."""
+
+    def __init__(self, cls, stream):
+        self.obj = cls.__new__(cls)
+        self.obj.stream = stream
+        self.obj.request_id = "x"
+        self.obj.system_fingerprint = "fp"
+        self.obj.object_type = "chat.completion.chunk" if stream else "chat.completion"
+        self.obj.requested_model = "m"
+        self.obj.created = 0
+
+    def __call__(self, text, finish, calls):
+        kwargs = dict(tool_calls=calls)
+        if not self.obj.stream:
+            kwargs.update(prompt_token_count=1, completion_token_count=1)
+        return self.obj.generate_response(text, finish, **kwargs)["choices"][0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_failed_block_becomes_content_and_finish_reason_stop(server_module, stream):
+    fmt = server_module.ToolCallFormatter(parser.parse_tool_call, None, stream)
+    handler = _Handler(server_module.APIHandler, stream)
+    choice = handler("Hi.", "tool_calls", fmt([BAD_CLOSED]))
+    msg = choice["delta" if stream else "message"]
+    assert msg["content"] == "Hi." + parser.tool_call_start + BAD_CLOSED + parser.tool_call_end
+    assert "tool_calls" not in msg
+    assert choice["finish_reason"] == "stop"
+
+
+def test_good_and_bad_blocks_keep_both(server_module):
+    fmt = server_module.ToolCallFormatter(parser.parse_tool_call, None, False)
+    handler = _Handler(server_module.APIHandler, False)
+    choice = handler("", "tool_calls", fmt([GOOD, TRUNCATED]))
+    msg = choice["message"]
+    assert msg["content"] == parser.tool_call_start + TRUNCATED  # no end marker was seen
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["f"]
+    assert msg["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
+    assert choice["finish_reason"] == "tool_calls"
+
+
+def test_other_parsers_keep_stock_behaviour(server_module):
+    def other(text, tools):
+        raise ValueError("nope")
+
+    fmt = server_module.ToolCallFormatter(other, None, False)
+    try:
+        out = fmt(["x"])
+    except ValueError:
+        return  # 0.31 lets the error through
+    assert out == [] and not hasattr(out, "unparsed")  # 0.32 drops it
+
+
+def test_apply_is_idempotent_and_undo_restores(server_module):
+    patched = server_module.ToolCallFormatter.__call__
+    _server_patch.apply(server_module)
+    assert server_module.ToolCallFormatter.__call__ is patched
+    _server_patch.undo()
+    assert not hasattr(server_module.ToolCallFormatter.__call__, "_mlx_arch_plugins_original")
+    assert not hasattr(server_module.APIHandler.generate_response, "_mlx_arch_plugins_original")
+    _server_patch.apply(server_module)  # fixture teardown undoes again
+
+
+def test_unparsed_text_reconstruction():
+    assert parser.unparsed_text(BAD_CLOSED).endswith("</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
+    assert parser.unparsed_text(TRUNCATED) == "\n\n<｜DSML｜tool_calls>" + TRUNCATED
