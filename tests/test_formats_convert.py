@@ -50,23 +50,14 @@ def affine4(official, tmp_path_factory):
     return convert(official["official"], tmp_path_factory.mktemp("a4") / "out", quantize=True, q_bits=4, q_group_size=64)
 
 
-def _mlx_lm_version():
-    from importlib.metadata import version
-
-    return tuple(int(x) for x in version("mlx-lm").split(".")[:2])
-
-
 @pytest.mark.compat
-@pytest.mark.xfail(_mlx_lm_version() < (0, 32), strict=True,
-                   reason="reported to lead: on mlx-lm 0.31 the reload applies the global affine-4 entry "
-                          "to the kept mxfp8/mxfp4 layers (no per-layer quantization entries in config.json)")
 def test_official_to_affine4_reloads_and_generates(affine4):
     model, toks = greedy(affine4)
     assert 1 <= len(toks) <= 4 and all(0 <= t < 256 for t in toks)
     assert model.lm_head.mode == "affine" and model.lm_head.bits == 4
 
 
-@pytest.mark.xfail(strict=True, reason="reported to lead: convert -q keeps the mxfp8/mxfp4 layers; only embed/head become affine 4-bit")
+@pytest.mark.compat
 def test_official_to_affine4_quantizes_every_linear(affine4):
     from mlx_lm.utils import load_model
 
@@ -75,7 +66,7 @@ def test_official_to_affine4_quantizes_every_linear(affine4):
     assert modes == {("affine", 4)}
 
 
-@pytest.mark.xfail(strict=True, reason="reported to lead: after convert --dequantize, wo_a.scales remain and reload fails")
+@pytest.mark.compat
 def test_official_to_bf16_dequantized(official, tmp_path):
     out = convert(official["official"], tmp_path / "bf16", dequantize=True)
     model, toks = greedy(out)
@@ -86,7 +77,7 @@ def test_official_to_bf16_dequantized(official, tmp_path):
     assert toks == ref
 
 
-@pytest.mark.xfail(strict=True, reason="reported to lead: plain convert writes packed mxfp8 tensors without a quantization entry; reload fails")
+@pytest.mark.compat
 def test_official_plain_convert_reloads(official, tmp_path):
     out = convert(official["official"], tmp_path / "plain", dtype="bfloat16")
     _, toks = greedy(out)
