@@ -148,3 +148,36 @@ def test_property_region_is_not_trivial():
                                     reasoning_effort="max", encoder_release="v4-0731")
     assert ours == _recipe_prompt(messages, tools, True, "max")
     assert "## Tools" in ours and "<tool_result>T</tool_result>" in ours and "Beyond maximum" in ours
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize(
+    "roles",
+    [
+        ("system", "latest_reminder", "user"),
+        ("user", "latest_reminder", "user"),
+        ("user", "latest_reminder"),
+        ("user", "assistant", "latest_reminder", "user"),
+        ("latest_reminder", "user", "assistant", "user"),
+    ],
+)
+def test_latest_reminder_placement_matches_recipe(roles, thinking):
+    """latest_reminder is not expressible in a Chat Completions request; compare at the
+    conversation level (recipe's own message classes)."""
+    make = {
+        "system": lambda c: recipe.SystemMessage(c),
+        "user": lambda c: recipe.UserMessage(c),
+        "assistant": lambda c: recipe.AssistantMessage(c),
+        "latest_reminder": lambda c: recipe.LatestReminderMessage(c),
+    }
+    ours_msgs = [{"role": r, "content": f"{r}{i}"} for i, r in enumerate(roles)]
+    conv = recipe.Conversation(
+        [make[m["role"]](m["content"]) for m in ours_msgs],
+        thinking_mode=thinking,
+        reasoning_effort="low" if thinking else None,
+    )
+    theirs = recipe.DeepseekV4Encoding().render_conversation(conv).prompt
+    ours = tmpl.encode_messages(
+        ours_msgs, thinking_mode="thinking" if thinking else "chat", release="v4-0731"
+    )
+    assert ours == theirs

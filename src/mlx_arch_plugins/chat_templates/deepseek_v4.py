@@ -381,9 +381,10 @@ def _encode(
                 "assistant, tool, developer and latest_reminder"
             )
 
-        # The assistant header follows a turn that an assistant (or the model) answers.
+        # The assistant header follows the turn an assistant (or the model) answers;
+        # a latest_reminder between them belongs to that turn (as in deepseek-recipe).
         nxt = msgs[i + 1].get("role") if i + 1 < len(msgs) else None
-        if nxt not in (None, "assistant", "latest_reminder"):
+        if nxt not in (None, "assistant"):
             continue
         task = msg.get("task")
         if task is not None:
@@ -396,7 +397,7 @@ def _encode(
                 trans += TASK_TOKENS[task]
             else:
                 trans = TASK_TOKENS[task]
-        elif role in ("user", "developer"):
+        elif role in ("user", "developer", "latest_reminder"):
             open_think = thinking and (keep_reasoning or i >= last_user)
             trans = ASSISTANT + (THINK_START if open_think else THINK_END)
         else:
