@@ -205,3 +205,30 @@ def test_undo_and_reapply_on_real_module(tu, tmp_path):
         _tokenizer_patch.apply(tu)
     assert hasattr(mu._load_tokenizer, "_mlx_arch_plugins_original")
     assert tu.load(folder)._chat_template is tmpl.apply_chat_template
+
+
+@pytest.mark.parametrize(
+    "source,release",
+    [
+        ('REASONING_EFFORT_MAX = "Reasoning Effort: Absolute maximum ..."\n', "v4-2604"),
+        ("REASONING_EFFORT_PROMPTS = {'low': '', 'high': '...', 'max': '...'}\n", "v4-0731"),
+        (None, "v4-0731"),
+    ],
+)
+def test_release_follows_the_checkpoint_encoder(tu, tmp_path, source, release):
+    folder = cs.make_checkpoint(tmp_path)
+    if source is not None:
+        (folder / "encoding").mkdir()
+        (folder / "encoding" / "encoding_dsv4.py").write_text(source, encoding="utf-8")
+    assert tmpl.detect_release(folder) == (release if source else None)
+    wrapper = tu.load(folder)
+    case = ENCODE[f"enc-032-effort-high-thinking@{release}"]
+    msgs = case["mlx_server_template_input"]["messages"]
+    ids = wrapper.apply_chat_template(msgs, thinking_mode="thinking", reasoning_effort="high")
+    assert ids == case["expected_token_ids"]
+    # A release passed at call time still wins.
+    other = "v4-2604" if release == "v4-0731" else "v4-0731"
+    want = ENCODE[f"enc-032-effort-high-thinking@{other}"]["expected_token_ids"]
+    assert wrapper.apply_chat_template(
+        msgs, thinking_mode="thinking", reasoning_effort="high", encoder_release=other
+    ) == want

@@ -80,6 +80,21 @@ class _FallbackAutoTokenizer:
         return getattr(self._real, name)
 
 
+def _bind_release(wrapper, model_path) -> None:
+    """Default the encoder release to the one the checkpoint's own encoder has.
+
+    Call-time keywords still override it (``chat_template_kwargs`` etc.).
+    """
+    from .chat_templates import deepseek_v4
+
+    template = getattr(wrapper, "_chat_template", None)
+    if template is not deepseek_v4.apply_chat_template:
+        return
+    release = deepseek_v4.detect_release(model_path)
+    if release is not None:
+        wrapper._chat_template = functools.partial(template, encoder_release=release)
+
+
 def _wrap(original, module):
     @functools.wraps(original)
     def load(model_path, tokenizer_config_extra=None, *args, **kwargs):
@@ -102,9 +117,11 @@ def _wrap(original, module):
         real = module.AutoTokenizer
         module.AutoTokenizer = _FallbackAutoTokenizer(real)
         try:
-            return original(Path(model_path), extra, *args, **kwargs)
+            wrapper = original(Path(model_path), extra, *args, **kwargs)
         finally:
             module.AutoTokenizer = real
+        _bind_release(wrapper, model_path)
+        return wrapper
 
     setattr(load, _MARK, original)
     return load

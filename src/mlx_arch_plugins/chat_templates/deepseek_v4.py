@@ -140,6 +140,26 @@ def resolve_release(release: Optional[str]) -> str:
     return name
 
 
+def detect_release(model_path) -> Optional[str]:
+    """The encoder release of a checkpoint that ships DeepSeek's ``encoding/`` folder.
+
+    The April file has a single ``REASONING_EFFORT_MAX`` text, the 0731 update a
+    ``REASONING_EFFORT_PROMPTS`` table. None when the file is absent or unclear.
+    """
+    from pathlib import Path
+
+    path = Path(model_path) / "encoding" / "encoding_dsv4.py"
+    try:
+        source = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    if "REASONING_EFFORT_PROMPTS" in source:
+        return "v4-0731"
+    if "REASONING_EFFORT_MAX" in source:
+        return "v4-2604"
+    return None
+
+
 def _effort_prefix(release: str, effort: Optional[str]) -> str:
     spec = RELEASES[release]
     if effort is None:
