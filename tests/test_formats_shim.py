@@ -361,3 +361,32 @@ def test_whole_file_peak_stays_near_one_copy(big_file):
     # result arrays hold `big` bytes; reading the file into memory first, or keeping
     # the mapped pages resident, would need ~2x. Allow 25% for allocator slack.
     assert r["delta_bytes"] < 1.25 * big, r
+
+
+# --- activation through the plugin host ----------------------------------------------
+
+
+def _fresh(code):
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_installed_when_mlx_lm_utils_imported():
+    # stock load_model calls mx.load on every shard before it resolves the model
+    # class, so the wrapper must be in place as soon as mlx_lm.utils exists
+    code = ("import mlx.core as mx\n"
+            "before = getattr(mx.load, '__mlx_arch_plugins_shim__', False)\n"
+            "import mlx_lm.utils\n"
+            "print(before, getattr(mx.load, '__mlx_arch_plugins_shim__', False))")
+    assert _fresh(code) == "False True"
+
+
+def test_mx_load_after_mlx_lm_import_reads_unsupported_dtypes(tmp_path):
+    """What stock load_model sees from mx.load, with no model module imported."""
+    p = write_st(tmp_path / "model.safetensors", [("s", "F8_E8M0", [2], bytes([127, 130])),
+                                                  ("h", "F8_E5M2", [1], bytes([0x40]))])
+    code = ("import mlx_lm.utils as u, mlx.core as mx\n"
+            f"w = mx.load({str(p)!r})\n"
+            "print(w['s'].dtype, w['s'].tolist(), w['h'].dtype, w['h'].tolist())")
+    assert _fresh(code) == "mlx.core.uint8 [127, 130] mlx.core.float16 [2.0]"
