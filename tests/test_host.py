@@ -215,6 +215,27 @@ def test_startup_imports_nothing_heavy():
         assert heavy not in imported
 
 
+def test_start_file_names_the_startup_callable():
+    # What Python >= 3.15 (PEP 829) does with the .start file: resolve and call each line.
+    import pkgutil
+
+    from mlx_arch_plugins import _hook
+
+    files = {f.name: f for f in metadata.distribution("mlx-arch-plugins").files}
+    lines = files["mlx_arch_plugins.start"].read_text().split()
+    assert [pkgutil.resolve_name(line) for line in lines] == [_hook._startup]
+    assert "_hook._startup()" in files["mlx_arch_plugins.pth"].read_text()
+
+
+def test_startup_never_raises():
+    out = run_json(
+        "import json\nfrom mlx_arch_plugins import _hook\n"
+        "def boom(**kw):\n    raise RuntimeError('x')\n"
+        "_hook.install = boom\n_hook._startup()\nprint(json.dumps('survived'))"
+    )
+    assert out == "survived"
+
+
 # --- broken plugins ----------------------------------------------------------------------
 
 
