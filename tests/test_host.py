@@ -33,6 +33,7 @@ if _missing:
 
 CLI = Path(sys.executable).parent / "mlx-arch-plugins"
 BROKEN_DIST = "mlx-arch-toy-broken 0.2.0"
+PURELIB = sysconfig.get_paths()["purelib"]
 
 
 def run(code, env=None, flags=(), args=(), check=True):
@@ -224,7 +225,16 @@ def test_start_file_names_the_startup_callable():
     files = {f.name: f for f in metadata.distribution("mlx-arch-plugins").files}
     lines = files["mlx_arch_plugins.start"].read_text().split()
     assert [pkgutil.resolve_name(line) for line in lines] == [_hook._startup]
-    assert "_hook._startup()" in files["mlx_arch_plugins.pth"].read_text()
+    # What site does with the .pth file: exec its import line.
+    out = run_json(
+        "import json, sys\nfor line in open(sys.argv[1]):\n"
+        "    if line.startswith('import'):\n        exec(line)\n"
+        "from mlx_arch_plugins import _hook\nprint(json.dumps(_hook.status()['reason']))",
+        flags=["-S"],
+        env={"PYTHONPATH": PURELIB},
+        args=[str(files["mlx_arch_plugins.pth"].locate())],
+    )
+    assert out == "active (installed by start-up file)"
 
 
 def test_startup_never_raises():
@@ -329,9 +339,6 @@ def test_generate_cli_runs_the_toy(ckpt):
 
 
 # --- explicit install() / uninstall() and the post-import callbacks -----------------------
-
-PURELIB = sysconfig.get_paths()["purelib"]
-
 
 @pytest.mark.compat
 def test_python_S_needs_and_gets_explicit_install():
