@@ -150,3 +150,45 @@ def test_logits_are_sane(ckpts):
     p /= p.sum(-1, keepdims=True)
     ent = -(p * np.log(p + 1e-30)).sum(-1)
     assert 0.3 < ent.mean() < np.log(out.shape[-1]) - 0.1, ent.mean()
+
+
+CONVERSIONS = {
+    "affine2": dict(q_bits=2, q_group_size=64),
+    "affine3": dict(q_bits=3, q_group_size=64),
+    "affine5": dict(q_bits=5, q_group_size=64),
+    "affine6": dict(q_bits=6, q_group_size=64),
+    "affine8": dict(q_bits=8, q_group_size=64),
+    "affine4-g32": dict(q_bits=4, q_group_size=32),
+    "mxfp8": dict(q_bits=8, q_group_size=32, q_mode="mxfp8"),
+    "nvfp4": dict(q_bits=4, q_group_size=16, q_mode="nvfp4"),
+    "mixed_3_6": dict(quant_predicate="mixed_3_6"),
+}
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("name", sorted(CONVERSIONS))
+def test_stock_conversions_load(ckpts, tmp_path, name):
+    """bf16 tiny -> stock mlx_lm.convert -> reload: every layer gets the bits, group and
+    mode its config entry (global or per layer) says, and the logits move by what
+    that much unstructured weight noise moves them."""
+    from mlx_lm.convert import convert
+
+    out = tmp_path / name
+    convert(str(ckpts["bf16"]), mlx_path=str(out), quantize=True, **CONVERSIONS[name])
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    qm = load(out)
+    mods = quantized_modules(qm)
+    assert len(mods) > 30
+    for path, m in mods.items():
+        want = q.get(path, q)
+        # a per-layer group_size of None (mixed recipes) means mlx's default, as the global one
+        group = want.get("group_size") or q["group_size"]
+        assert (m.bits, m.group_size or q["group_size"], getattr(m, "mode", "affine")) == \
+            (want["bits"], group, want.get("mode", "affine")), path
+    if name.startswith("mixed"):
+        assert {m.bits for m in mods.values()} == {3, 6}
+    base = logits(load(ckpts["bf16"]))
+    err, noise_err = rms(logits(qm) - base), rms(_noise_reference(ckpts["bf16"], qm) - base)
+    # measured ratio err / noise_err: 0.73 (8 bit) to 1.17 (mxfp8). At >= 4 bits the
+    # bound is far below a wrong model (3.5); at 2-3 bits noise is that large anyway.
+    assert 0 < err < 1.5 * noise_err, (err, noise_err)
