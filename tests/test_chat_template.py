@@ -227,3 +227,18 @@ def test_tokenizer_defaults_name_this_package_modules():
         mod = importlib.import_module(prefix + name)
         assert mod.__name__.startswith(("mlx_arch_plugins.", "mlx_lm."))
     assert json.dumps(tmpl.TOKENIZER_DEFAULTS)
+
+
+def test_template_tokens_are_single_vocabulary_tokens(wrapper):
+    """Every control string the encoder writes is one added token of the real vocabulary."""
+    table = {t["content"]: t["id"] for t in cs.load_cases("special_tokens.json")["added_tokens"]}
+    strings = [tmpl.BOS, tmpl.EOS, tmpl.USER, tmpl.ASSISTANT, tmpl.THINK_START,
+               tmpl.THINK_END, tmpl.DSML, tmpl.LATEST_REMINDER, *tmpl.TASK_TOKENS.values()]
+    for s in strings:
+        assert s in table, s
+        assert wrapper.encode(s, add_special_tokens=False) == [table[s]], s
+
+
+def test_unknown_task_is_rejected():
+    with pytest.raises(ValueError, match="task 'nope'"):
+        tmpl.encode_messages([{"role": "user", "content": "q", "task": "nope"}], thinking_mode="chat")
