@@ -242,3 +242,17 @@ def test_template_tokens_are_single_vocabulary_tokens(wrapper):
 def test_unknown_task_is_rejected():
     with pytest.raises(ValueError, match="task 'nope'"):
         tmpl.encode_messages([{"role": "user", "content": "q", "task": "nope"}], thinking_mode="chat")
+
+
+def test_cache_prompt_and_generate_query_split(wrapper):
+    """mlx_lm.cache_prompt renders the user turn without generation prompt; mlx_lm.generate
+    then cuts its prompt at "<query>" and appends only the rest to the cached tokens."""
+    cached = wrapper.apply_chat_template(
+        [{"role": "user", "content": "Long context."}],
+        add_generation_prompt=False, continue_final_message=True, tokenize=False,
+    )
+    assert cached == cs.BOS + "<｜User｜>Long context."
+    full = wrapper.apply_chat_template(
+        [{"role": "user", "content": "Long context.<query>"}], tokenize=False
+    )
+    assert full == cs.BOS + "<｜User｜>Long context.<query><｜Assistant｜><think>"
