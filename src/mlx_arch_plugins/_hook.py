@@ -50,6 +50,8 @@ _installed_by = None  # "start-up file" or "install()"
 class PluginImportError(ImportError):
     """A registered plugin module could not be imported (the cause is chained)."""
 
+    __module__ = "mlx_arch_plugins"  # its public home, shown in tracebacks
+
 
 def disabled_reason():
     """Why the host is off (a string), or None when it may run."""
