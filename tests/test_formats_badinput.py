@@ -137,26 +137,21 @@ def test_missing_dense_weight_named(tmp_path, sources):
         load(d)
 
 
-# The next cases give misleading messages or load silently today; strict xfail
-# turns into a failure as soon as the model gives the expected error, so the
-# marker gets removed then.
+# Missing halves of a quantized pair must be named, never loaded as raw bytes.
 
 
-@pytest.mark.xfail(strict=True, reason="reported to lead: says '.scale' is unexpected instead of the weight missing")
 def test_missing_fp8_weight_named(tmp_path, sources):
     d = edited(tmp_path, sources["official"], lambda t: t.pop("layers.1.attn.wkv.weight"))
     with pytest.raises(ValueError, match=r"layers\.1\.attn\.wkv\.weight.*missing"):
         load(d)
 
 
-@pytest.mark.xfail(strict=True, reason="reported to lead: FP8 weight without its scale loads as raw bytes")
 def test_missing_fp8_scale_named(tmp_path, sources):
     d = edited(tmp_path, sources["official"], lambda t: t.pop("layers.1.attn.wkv.scale"))
     with pytest.raises(ValueError, match=r"layers\.1\.attn\.wkv\.scale"):
         load(d)
 
 
-@pytest.mark.xfail(strict=True, reason="reported to lead: blames the .scale's shape instead of the missing expert weight")
 def test_missing_expert_named(tmp_path, sources):
     d = edited(tmp_path, sources["official"], lambda t: t.pop("layers.2.ffn.experts.3.w2.weight"))
     with pytest.raises(ValueError, match=r"layers\.2\.ffn\.experts\.3\.w2\.weight.*missing"):

@@ -147,7 +147,12 @@ def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]
 
     names = {}
     for key in weights:
-        if key.endswith(".scale") and key[: -len("scale")] + "weight" in weights:
+        if key.endswith(".scale"):
+            weight_key = key[: -len("scale")] + "weight"
+            if weight_key not in weights:
+                raise CheckpointError(
+                    weight_key, "missing from the checkpoint (its .scale is there)"
+                )
             continue  # consumed with its weight
         names[key] = _rename(key)
 
@@ -178,6 +183,12 @@ def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]
             out[new], out[base + ".scales"] = wq, sc
             quant_bits[base] = bits
             continue
+        if w.dtype in (mx.uint8, mx.int8) and len(want) >= 2:
+            raise CheckpointError(
+                key[: -len("weight")] + "scale" if key.endswith(".weight") else key,
+                f"missing: {key} holds {w.dtype} FP8/FP4 codes that need their "
+                "E8M0 scales",
+            )
         if len(want) == 3 and w.ndim == 2 and w.size == math.prod(want):
             w = w.reshape(want)  # grouped wo_a stored flat
         if tuple(w.shape) != tuple(want):
@@ -207,6 +218,12 @@ def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]
         for e in range(n):
             orig, w, s = slots[e]
             if s is None:
+                if w.dtype in (mx.uint8, mx.int8):
+                    raise CheckpointError(
+                        orig[: -len("weight")] + "scale",
+                        f"missing: {orig} holds {w.dtype} FP8/FP4 codes that need "
+                        "their E8M0 scales",
+                    )
                 if w.shape != (out_dim, in_dim):
                     raise CheckpointError(
                         orig, f"expected shape ({out_dim}, {in_dim}), found {tuple(w.shape)}"
