@@ -153,3 +153,47 @@ def test_python_api_in_a_plain_script(ckpt, tmp_path):
     # batch_generate returns tokenizer.decode of the tokens (it keeps a leading
     # space that the streaming detokenizer of generate drops).
     assert out["batched"] == out["decoded"]
+
+
+THREAD_SCRIPT = r'''
+import json, sys, threading
+from mlx_lm import batch_generate, generate, load
+
+out, errors = {}, []
+
+def work():
+    try:
+        model, tok = load(sys.argv[1])
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+               for p in ("Hi.", "Hello there, how are you?")]
+        out["single"] = generate(model, tok, ids[0], max_tokens=2)
+        out["batch"] = batch_generate(model, tok, ids, max_tokens=2).texts
+    except Exception as e:
+        errors.append(repr(e))
+
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(json.dumps({"errors": errors, **out}), flush=True)
+# mlx 0.32 aborts at interpreter exit after work on a second thread (stock
+# models too: "terminate called without an active exception"); skip that.
+import os
+os._exit(0)
+'''
+
+
+def test_generate_in_a_worker_thread(ckpt, tmp_path):
+    """mlx_lm.server generates on its own thread, after mlx_lm (and with it this
+    package's cache module) was imported on the main thread. A fresh interpreter
+    does the same here: import on the main thread, load and generate (single and
+    batched) on a worker thread. A lazy module-level array made at import lives
+    on the main thread's stream and fails there with "There is no Stream(cpu, 0)
+    in current thread"."""
+    script = tmp_path / "thread.py"
+    script.write_text(THREAD_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(ckpt)], capture_output=True, text=True,
+                       timeout=180, env=es.subprocess_env())
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["errors"] == []
+    assert out["single"] and len(out["batch"]) == 2

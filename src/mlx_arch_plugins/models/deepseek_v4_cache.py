@@ -38,7 +38,7 @@ _ARRAY_FIELDS = (
 
 _GROW_STEP = 256
 # Stands for a missing array in ``state`` (mlx 0.31 cannot save 0-size arrays).
-_ABSENT = mx.zeros((1,))
+_ABSENT = mx.array([0.0])  # data, not a lazy op: usable from any thread
 
 
 def _nbytes(a: Optional[mx.array]) -> int:
