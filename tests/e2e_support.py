@@ -210,7 +210,7 @@ def mlx_lm_server(model_dir, log_path, *extra_args, startup_timeout=180, env=Non
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-6000:]}")
             try:
-                urllib.request.urlopen(server.base_url + "/v1/models", timeout=2).read()
+                urllib.request.urlopen(server.base_url + "/health", timeout=2).read()
                 break
             except OSError:
                 if time.time() > deadline:
