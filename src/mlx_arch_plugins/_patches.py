@@ -12,6 +12,8 @@ and is the smallest change that works on every supported mlx-lm version:
   ``mlx_lm.convert`` learns to (de)quantize official FP8/FP4 layers.
 * ``mlx_lm.tokenizer_utils``: DeepSeek-V4's official chat encoding and the
   tokenizer.json fallback (see ``_tokenizer_patch``).
+* ``mlx_lm.server``: a malformed or truncated DSML tool block comes back as
+  content instead of being dropped (see ``_server_patch``).
 """
 
 import warnings
@@ -167,10 +169,18 @@ def _patch_tokenizer(module):
     _undo.append(_tokenizer_patch.undo)
 
 
+def _patch_server(module):
+    from . import _server_patch
+
+    _server_patch.apply(module)
+    _undo.append(_server_patch.undo)
+
+
 _STEPS = {
     "mlx_lm.models.cache": _register_caches,
     "mlx_lm.utils": _prepare_utils,
     "mlx_lm.tokenizer_utils": _patch_tokenizer,
+    "mlx_lm.server": _patch_server,
 }
 
 
