@@ -193,6 +193,7 @@ def _round_to_grid(q: mx.array, mant_bits: int, min_exp: int) -> mx.array:
     return mx.round(q / step) * step
 
 
+@mx.compile  # ~20 elementwise ops: one fused kernel per side of the max
 def qat_round(x: mx.array, block: int, fmt: str) -> mx.array:
     """Round ``x`` through FP8 e4m3 (``fmt='fp8'``) or FP4 e2m1 (``'fp4'``) in
     blocks of ``block`` along the last axis with power-of-two scales."""
@@ -300,6 +301,17 @@ def _hc_mix_logits(h, fn, eps):
     return (flat @ fn.T) * rs
 
 
+def _sum_views(c, axis):
+    # hc is tiny: adding its slices (views) lets mx.compile fuse each Sinkhorn
+    # half-step into one kernel, where .sum() would need a reduction kernel.
+    idx = [slice(None)] * c.ndim
+    total = None
+    for j in range(c.shape[axis]):
+        idx[axis] = slice(j, j + 1)
+        total = c[tuple(idx)] if total is None else total + c[tuple(idx)]
+    return total
+
+
 @mx.compile
 def _sinkhorn_split(mixes, scale, base, hc, iters, eps):
     pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
@@ -307,11 +319,27 @@ def _sinkhorn_split(mixes, scale, base, hc, iters, eps):
     comb = mixes[..., 2 * hc :] * scale[2] + base[2 * hc :]
     comb = comb.reshape(*comb.shape[:-1], hc, hc)
     comb = mx.softmax(comb, axis=-1, precise=True) + eps
-    comb = comb / (comb.sum(-2, keepdims=True) + eps)
+    comb = comb / (_sum_views(comb, -2) + eps)
     for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdims=True) + eps)
-        comb = comb / (comb.sum(-2, keepdims=True) + eps)
+        comb = comb / (_sum_views(comb, -1) + eps)
+        comb = comb / (_sum_views(comb, -2) + eps)
     return pre, post, comb
+
+
+@mx.compile
+def _hc_collapse(h, fn, scale, base, hc, iters, eps, norm_eps):
+    mixes = _hc_mix_logits(h, fn, norm_eps)
+    pre, post, comb = _sinkhorn_split(mixes, scale, base, hc, iters, eps)
+    x = (pre[..., None] * h.astype(mx.float32)).sum(-2)
+    return x.astype(h.dtype), post, comb
+
+
+@mx.compile
+def _hc_expand(y, residual, post, comb):
+    # stream k = post_k * y + sum_j comb[j, k] * residual_j
+    mixed = comb.swapaxes(-1, -2) @ residual.astype(mx.float32)
+    out = post[..., None] * y[..., None, :].astype(mx.float32) + mixed
+    return out.astype(residual.dtype)
 
 
 class HyperConnection(nn.Module):
@@ -329,19 +357,14 @@ class HyperConnection(nn.Module):
         self.scale = mx.ones((3,), dtype=mx.float32)
 
     def collapse(self, h):
-        mixes = _hc_mix_logits(h, self.fn, self.norm_eps)
-        pre, post, comb = _sinkhorn_split(
-            mixes, self.scale, self.base, self.hc, self.iters, self.eps
+        return _hc_collapse(
+            h, self.fn, self.scale, self.base, self.hc, self.iters, self.eps,
+            self.norm_eps,
         )
-        x = (pre[..., None] * h.astype(mx.float32)).sum(-2)
-        return x.astype(h.dtype), post, comb
 
     @staticmethod
     def expand(y, residual, post, comb):
-        # stream k = post_k * y + sum_j comb[j, k] * residual_j
-        mixed = comb.swapaxes(-1, -2) @ residual.astype(mx.float32)
-        out = post[..., None] * y[..., None, :].astype(mx.float32) + mixed
-        return out.astype(residual.dtype)
+        return _hc_expand(y, residual, post, comb)
 
 
 class HyperHead(nn.Module):
@@ -650,6 +673,16 @@ class DeepseekV4Attention(nn.Module):
 # ----------------------------------------------------------------------------
 
 
+@mx.compile
+def _gate_scores(x, weight, scoring):
+    logits = x.astype(mx.float32) @ weight.astype(mx.float32).T
+    if scoring == "softmax":
+        return mx.softmax(logits, axis=-1, precise=True)
+    if scoring == "sigmoid":
+        return mx.sigmoid(logits)
+    return mx.sqrt(nn.softplus(logits))
+
+
 class MoEGate(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -667,13 +700,7 @@ class MoEGate(nn.Module):
             )
 
     def __call__(self, x, input_ids):
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        if self.scoring == "softmax":
-            scores = mx.softmax(logits, axis=-1, precise=True)
-        elif self.scoring == "sigmoid":
-            scores = mx.sigmoid(logits)
-        else:
-            scores = mx.sqrt(nn.softplus(logits))
+        scores = _gate_scores(x, self.weight, self.scoring)
         if self.hash:
             inds = self.tid2eid[input_ids]
         else:
@@ -686,6 +713,7 @@ class MoEGate(nn.Module):
         return inds, weights * self.route_scale
 
 
+@mx.compile
 def _clipped_swiglu(gate, up, limit):
     gate = gate.astype(mx.float32)
     up = up.astype(mx.float32)
