@@ -176,11 +176,24 @@ def _patch_server(module):
     _undo.append(_server_patch.undo)
 
 
+def _show_load_progress():
+    """Progress lines while a big checkpoint of ours loads (see progress.py)."""
+    import mlx_lm.utils
+
+    from . import progress
+
+    if progress.install(mlx_lm.utils):
+        _undo.append(progress.uninstall)
+
+
 _STEPS = {
     "mlx_lm.models.cache": _register_caches,
     "mlx_lm.utils": _prepare_utils,
     "mlx_lm.tokenizer_utils": _patch_tokenizer,
     "mlx_lm.server": _patch_server,
+    # mlx_lm/__init__ imports convert right after utils on every supported
+    # version, so this runs once utils is complete (its key is taken above).
+    "mlx_lm.convert": lambda _m: _show_load_progress(),
 }
 
 
