@@ -29,7 +29,7 @@ from mlx_lm.models.pipeline import PipelineMixin
 from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
 
 from .deepseek_v4_cache import BatchDeepseekV4Cache, DeepseekV4Cache
-from .deepseek_v4_shard import pipeline_hidden, shard_model
+from .deepseek_v4_shard import pipeline_hidden, pipeline_split, shard_model
 
 try:  # the chat template module owns the tokenizer defaults
     from ..chat_templates.deepseek_v4 import TOKENIZER_DEFAULTS  # noqa: F401
@@ -863,6 +863,9 @@ class DeepseekV4Model(PipelineMixin, nn.Module):
         self.mtp = [MTPBlock(args, n + i) for i in range(args.num_nextn_predict_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.hc_head = HyperHead(args)
+
+    def pipeline(self, group, split=None):
+        pipeline_split(self, group, split)
 
     def hidden(self, inputs, cache=None):
         """Final hyper-connection state [B, L, hc, D] (input of ``hc_head``)."""
