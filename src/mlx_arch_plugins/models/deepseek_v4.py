@@ -93,6 +93,7 @@ class ModelArgs(BaseModelArgs):
     num_nextn_predict_layers: int = 0
     tie_word_embeddings: bool = False
     quantization_config: Optional[Dict[str, Any]] = None
+    quantization: Optional[Dict[str, Any]] = None
     expert_dtype: Optional[str] = None
     # Off only to compare with references that skip the QAT rounding.
     qat_rounding: bool = True
@@ -915,6 +916,11 @@ class Model(nn.Module):
             DeepseekV4Cache(self.args.sliding_window, layer.attn.ratio)
             for layer in self.layers
         ]
+
+    def quant_predicate(self, path, module):
+        # The official checkpoint keeps the compressors and the indexer's
+        # head weights unquantized; so do conversions.
+        return not (".compressor." in path or path.endswith("weights_proj"))
 
     @property
     def cast_predicate(self):
