@@ -6,6 +6,7 @@ user runs after ``pip install``: the start-up hook of the installed package,
 not an import in the test process, makes DeepSeek-V4 available there.
 """
 
+import http.client
 import json
 import os
 import re
@@ -191,6 +192,8 @@ class ServerProcess:
                 return r.status, r.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode("utf-8", "replace")
+        except http.client.RemoteDisconnected as e:
+            return None, f"connection closed without a response ({e})"
 
 
 @contextmanager
