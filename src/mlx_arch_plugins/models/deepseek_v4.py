@@ -28,6 +28,7 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.pipeline import PipelineMixin
 from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
 
+from . import deepseek_v4_kernels as _kernels
 from .deepseek_v4_cache import BatchDeepseekV4Cache, DeepseekV4Cache
 from .deepseek_v4_shard import pipeline_hidden, pipeline_split, shard_model
 
@@ -336,6 +337,12 @@ def _hc_collapse(h, fn, scale, base, hc, iters, eps, norm_eps):
 
 
 @mx.compile
+def _hc_weighted(h, pre):
+    x = (pre[..., None] * h.astype(mx.float32)).sum(-2)
+    return x.astype(h.dtype)
+
+
+@mx.compile
 def _hc_expand(y, residual, post, comb):
     # stream k = post_k * y + sum_j comb[j, k] * residual_j
     mixed = comb.swapaxes(-1, -2) @ residual.astype(mx.float32)
@@ -358,6 +365,12 @@ class HyperConnection(nn.Module):
         self.scale = mx.ones((3,), dtype=mx.float32)
 
     def collapse(self, h):
+        if _kernels.cuda_enabled():  # one CUDA kernel for the whole Sinkhorn
+            mixes = _hc_mix_logits(h, self.fn, self.norm_eps)
+            pre, post, comb = _kernels.sinkhorn_split(
+                mixes, self.scale, self.base, self.hc, self.iters, self.eps
+            )
+            return _hc_weighted(h, pre), post, comb
         return _hc_collapse(
             h, self.fn, self.scale, self.base, self.hc, self.iters, self.eps,
             self.norm_eps,
