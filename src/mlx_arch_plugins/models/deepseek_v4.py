@@ -365,7 +365,8 @@ class HyperConnection(nn.Module):
         self.scale = mx.ones((3,), dtype=mx.float32)
 
     def collapse(self, h):
-        if _kernels.cuda_enabled():  # one CUDA kernel for the whole Sinkhorn
+        if _kernels.use_sinkhorn_kernel(h.size // (h.shape[-1] * h.shape[-2])):
+            # decode on CUDA: one kernel for the whole Sinkhorn
             mixes = _hc_mix_logits(h, self.fn, self.norm_eps)
             pre, post, comb = _kernels.sinkhorn_split(
                 mixes, self.scale, self.base, self.hc, self.iters, self.eps

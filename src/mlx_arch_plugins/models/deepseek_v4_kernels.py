@@ -63,6 +63,11 @@ _SOURCE = """
 _KERNEL = None
 
 
+# The row count is a template parameter (one JIT compile per value), so the
+# model uses the kernel for decode-sized inputs only: a handful of batch sizes.
+MAX_ROWS = 64
+
+
 def cuda_enabled() -> bool:
     if os.environ.get("MLX_ARCH_PLUGINS_FUSED", "1") == "0":
         return False
@@ -70,6 +75,10 @@ def cuda_enabled() -> bool:
         return mx.default_device() == mx.gpu and mx.cuda.is_available()
     except Exception:
         return False
+
+
+def use_sinkhorn_kernel(rows: int) -> bool:
+    return rows <= MAX_ROWS and cuda_enabled()
 
 
 def sinkhorn_split(mixes, scale, base, hc: int, iters: int, eps: float):
