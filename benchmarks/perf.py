@@ -356,15 +356,12 @@ def cache_bytes(cache):
 
 
 def cache_alloc_bytes(cache):
+    """Bytes the caches hold, growth-buffer capacity included."""
+    fields = ("window", "_comp", "_index", "comp_kv", "comp_score", "index_kv", "index_score")
     tot = 0
     for c in cache:
-        for a in c.state[3:] if is_dsv4_cache(c) else c.state:
-            if isinstance(a, mx.array):
-                tot += a.nbytes
-        if is_dsv4_cache(c):
-            for buf, used in ((c._comp, c.comp), (c._index, c.index)):
-                if buf is not None:
-                    tot += buf.nbytes - used.nbytes
+        arrays = [getattr(c, f, None) for f in fields] if is_dsv4_cache(c) else c.state
+        tot += sum(a.nbytes for a in arrays if isinstance(a, mx.array))
     return tot
 
 
