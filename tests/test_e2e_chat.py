@@ -7,7 +7,7 @@ import e2e_support as es
 
 pytestmark = pytest.mark.compat
 
-N_TOKENS = 5
+N_TOKENS = 3
 TURNS = ["What is the capital of France?", "And of Italy, in one word?"]
 
 

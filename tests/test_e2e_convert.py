@@ -17,7 +17,7 @@ import e2e_support as es
 pytestmark = pytest.mark.compat
 
 PROMPT = "Translate to French: the cat sleeps on the warm window sill."
-N_TOKENS = 5
+N_TOKENS = 3
 
 
 def test_convert_official_to_4bit_then_generate(tmp_path_factory):
