@@ -422,8 +422,12 @@ class Compressor(nn.Module):
         self.norm = nn.RMSNorm(dim, eps=args.rms_norm_eps)
         self._rope = rope
 
-    def __call__(self, x, offset: int, kv_rows, score_rows):
-        """Feed tokens at positions [offset, offset+L).
+    def project(self, x):
+        return self.wkv(x), self.wgate(x)
+
+    def __call__(self, proj, offset: int, kv_rows, score_rows):
+        """Feed tokens at positions [offset, offset+L), given their
+        ``project`` outputs.
 
         ``kv_rows``/``score_rows`` hold the pending rows from earlier calls
         (positions [start, offset)). Returns the new entries (normalised,
@@ -431,10 +435,12 @@ class Compressor(nn.Module):
         pending rows.
         """
         m, d = self.ratio, self.dim
-        B, L, _ = x.shape
-        kv = self.wkv(x).astype(mx.float32)
+        kv, score = proj
+        B, L, _ = kv.shape
+        dtype = kv.dtype
+        kv = kv.astype(mx.float32)
         pos = mx.arange(offset, offset + L) % m
-        score = self.wgate(x).astype(mx.float32) + self.ape[pos]
+        score = score.astype(mx.float32) + self.ape[pos]
         if kv_rows is not None:
             kv = mx.concatenate([kv_rows, kv], 1)
             score = mx.concatenate([score_rows, score], 1)
@@ -463,7 +469,7 @@ class Compressor(nn.Module):
                 blk_kv = blk_kv.reshape(B, nb, m, d)
                 blk_sc = blk_sc.reshape(B, nb, m, d)
             w = mx.softmax(blk_sc, axis=2, precise=True)
-            entries = (blk_kv * w).sum(2).astype(x.dtype)
+            entries = (blk_kv * w).sum(2).astype(dtype)
             entries = self.norm(entries)
             # entry k sits at position k*m: stride-m rotation from block index
             entries = self._rope(entries, first, stride=m)
@@ -492,15 +498,17 @@ class Indexer(nn.Module):
         v = hadamard(v)
         return qat_round(v, 32, "fp4") if self.qat else v
 
-    def queries(self, qr, offset):
-        B, L, _ = qr.shape
-        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
+    def queries(self, q, offset):
+        """Index queries from the ``wq_b`` projection of the low-rank q."""
+        B, L, _ = q.shape
+        q = q.reshape(B, L, self.n_heads, self.head_dim)
         q = self._rope(q.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
         return self.rotate(q)
 
-    def scores(self, q, x, keys):
-        """score[b, t, k] = sum_h w[b,t,h] relu(q[b,t,h] . keys[b,k])"""
-        w = self.weights_proj(x).astype(mx.float32)
+    def scores(self, q, w, keys):
+        """score[b, t, k] = sum_h w[b,t,h] relu(q[b,t,h] . keys[b,k]), with
+        w the ``weights_proj`` output."""
+        w = w.astype(mx.float32)
         w = w * (self.head_dim**-0.5 * self.n_heads**-0.5)
         dots = q @ keys[:, None].swapaxes(-1, -2)  # [B, L, H, N]
         return (mx.maximum(dots.astype(mx.float32), 0) * w[..., None]).sum(2)
@@ -558,6 +566,8 @@ class DeepseekV4Attention(nn.Module):
         q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
         q = mx.fast.rms_norm(q, None, self.eps)
         kv = self.kv_norm(self.wkv(x))
+        # compressor/indexer projections for all rows at once (weights read once)
+        proj = self._project(x, qr) if self.ratio else {}
 
         if isinstance(cache, BatchDeepseekV4Cache):
             outs = []
@@ -566,7 +576,8 @@ class DeepseekV4Attention(nn.Module):
                     outs.append(mx.zeros((1, L, self.n_heads, self.head_dim), q.dtype))
                     continue
                 sl = (slice(b, b + 1), slice(lo, lo + n))
-                o = self._attend(x[sl], qr[sl], q[sl], kv[sl], cache.caches[b])
+                sub = {k: v[sl] for k, v in proj.items()}
+                o = self._attend(q[sl], kv[sl], sub, cache.caches[b])
                 parts = [o]
                 if lo:
                     parts.insert(0, mx.zeros((1, lo) + o.shape[2:], o.dtype))
@@ -577,7 +588,7 @@ class DeepseekV4Attention(nn.Module):
         else:
             if cache is None:
                 cache = DeepseekV4Cache(self.window, self.ratio)
-            o = self._attend(x, qr, q, kv, cache)
+            o = self._attend(q, kv, proj, cache)
 
         # grouped low-rank output projection: heads are cut into o_groups
         G = self.o_groups
@@ -588,9 +599,17 @@ class DeepseekV4Attention(nn.Module):
             o = mx.distributed.all_sum(o, group=self.sharding_group)
         return o
 
-    def _attend(self, x, qr, q, kv, cache: DeepseekV4Cache):
+    def _project(self, x, qr):
+        proj = dict(zip(("ckv", "cgate"), self.compressor.project(x)))
+        if self.ratio == 4:
+            proj.update(zip(("ikv", "igate"), self.indexer.compressor.project(x)))
+            proj["iq"] = self.indexer.wq_b(qr)
+            proj["iw"] = self.indexer.weights_proj(x)
+        return proj
+
+    def _attend(self, q, kv, proj, cache: DeepseekV4Cache):
         """Attention for tokens at positions [T, T+L) of one aligned batch."""
-        B, L = x.shape[:2]
+        B, L = q.shape[:2]
         T = cache.offset
         q = self._rope(q.transpose(0, 2, 1, 3), T)  # [B, H, L, hd]
         kv = self._round_kv(self._rope(kv, T))  # [B, L, hd]
@@ -605,9 +624,9 @@ class DeepseekV4Attention(nn.Module):
         mask = mx.broadcast_to(mask, (B, L, keys.shape[1]))
 
         sinks = self.attn_sink.astype(q.dtype)
-        N = self._update_compressed(x, T, cache) if self.ratio else 0
+        N = self._update_compressed(proj, T, cache) if self.ratio else 0
         if self.ratio == 4 and N > self.indexer.topk:
-            o = self._sparse(q, keys, W0, T, x, qr, cache, sinks)
+            o = self._sparse(q, keys, W0, T, proj, cache, sinks)
         else:
             if N:
                 # every visible entry is attended (HCA, or CSA whose
@@ -625,15 +644,15 @@ class DeepseekV4Attention(nn.Module):
         cache.offset = T + L
         return o
 
-    def _update_compressed(self, x, T, cache: DeepseekV4Cache) -> int:
+    def _update_compressed(self, proj, T, cache: DeepseekV4Cache) -> int:
         """Feed the compressors; append completed entries; return their count."""
         new, cache.comp_kv, cache.comp_score = self.compressor(
-            x, T, cache.comp_kv, cache.comp_score
+            (proj["ckv"], proj["cgate"]), T, cache.comp_kv, cache.comp_score
         )
         new_idx = None
         if self.ratio == 4:
             new_idx, cache.index_kv, cache.index_score = self.indexer.compressor(
-                x, T, cache.index_kv, cache.index_score
+                (proj["ikv"], proj["igate"]), T, cache.index_kv, cache.index_score
             )
             if new_idx is not None:
                 new_idx = self.indexer.rotate(new_idx)
@@ -644,7 +663,7 @@ class DeepseekV4Attention(nn.Module):
     # Bound on the elements of one block's gathered keys / indexer products.
     _BLOCK_ELEMS = 1 << 26
 
-    def _sparse(self, q, keys, W0, T, x, qr, cache, sinks):
+    def _sparse(self, q, keys, W0, T, proj, cache, sinks):
         """CSA with the indexer's top-k: each query attends to its own window
         rows and its own chosen entries. Queries are processed in blocks and,
         within a block, each one as a batch row of a one-query SDPA."""
@@ -652,7 +671,7 @@ class DeepseekV4Attention(nn.Module):
         win, k, m = self.window, self.indexer.topk, self.ratio
         N = cache.n_comp
         comp, index = cache.comp, cache.index
-        iq = self.indexer.queries(qr, T)  # [B, L, Hi, ihd]
+        iq = self.indexer.queries(proj["iq"], T)  # [B, L, Hi, ihd]
         span = win + k
         bq = max(1, min(L, self._BLOCK_ELEMS // max(span * hd, self.indexer.n_heads * N)))
         flat = comp.reshape(B * N, hd)
@@ -663,7 +682,7 @@ class DeepseekV4Attention(nn.Module):
             rows = mx.arange(a, a + n)
             qpos = T + rows
             seen = mx.arange(N)[None] < ((qpos + 1) // m)[:, None]  # [n, N]
-            score = self.indexer.scores(iq[:, a : a + n], x[:, a : a + n], index)
+            score = self.indexer.scores(iq[:, a : a + n], proj["iw"][:, a : a + n], index)
             score = mx.where(seen, score, -mx.inf)
             top = mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]  # [B, n, k]
             ok_c = mx.take_along_axis(mx.broadcast_to(seen, (B, n, N)), top, axis=-1)
