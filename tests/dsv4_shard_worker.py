@@ -12,13 +12,31 @@ Job kinds (a JSON list on the command line, each a dict):
 """
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten
+
+def _mlx_version():
+    from importlib.metadata import version
+
+    return tuple(int(x) for x in version("mlx").split(".")[:2])
+
+
+if "MLX_RANK" in os.environ and _mlx_version() < (0, 32):
+    # MLX's CPU backend caches compiled kernels under TMPDIR; with mlx 0.31
+    # ranks sharing it read each other's half-written files ("file too
+    # short"). One lasting cache per rank: compiled once, then reused.
+    import tempfile
+
+    _jit = Path(tempfile.gettempdir()) / "mlx-arch-plugins-shard-jit" / os.environ["MLX_RANK"]
+    _jit.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(_jit)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -58,7 +58,7 @@ def _free_base(n):
     raise RuntimeError("no free port range for the ring backend")
 
 
-def _launch(n, out, jobs, timeout=600):
+def _launch(n, out, jobs, timeout=900):
     launcher = Path(sys.executable).parent / "mlx.launch"
     # --python + a script path: run as `python WORKER ...` by both the
     # launcher of mlx 0.31 (prepends python to a script) and of 0.32
@@ -183,6 +183,7 @@ def _single(case, fmt, **cfg):
     return _single_cache[key]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES)
@@ -211,6 +212,7 @@ def test_sharded_golden_matches_reference_and_single_process(two, case, mode, fm
         np.testing.assert_array_equal(ranks[0]["decode"], dec)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("case", CASES)
 def test_tensor_sharded_without_qat_rounding_matches_noqat_targets(two, case):
     # Without the FP8/FP4 rounding the model is smooth: the single-process
@@ -221,6 +223,7 @@ def test_tensor_sharded_without_qat_rounding_matches_noqat_targets(two, case):
         assert np.abs(got - want).max() <= 1e-3
 
 
+@pytest.mark.compat  # 0.31's stock split would skip a layer of 3 over 2 ranks
 @pytest.mark.parametrize("case", CASES)
 def test_pipeline_splits_layers_evenly_low_ranks_get_extra(two, case):
     n = json.loads((Path(__file__).parent / "data/golden/cases" / case / "bf16/config.json").read_text())[
@@ -256,6 +259,7 @@ def _check_generate(out, key, path, modes, n):
             assert str(d["text"]) == text, f"{mode} rank {r}: {d['text']!r} != {text!r}"
 
 
+@pytest.mark.compat
 def test_sharded_generate_two_processes_mlx_affine(two, tiny):
     """Stock ``sharded_load`` + ``mlx_lm.generate`` on an ``mlx_lm.convert``
     4-bit affine conversion (group size 64) with its tokenizer, both modes."""
@@ -265,7 +269,8 @@ def test_sharded_generate_two_processes_mlx_affine(two, tiny):
 def test_sharded_generate_four_processes_official(four, tiny):
     """The same over 4 ranks on DeepSeek's FP8/FP4 layout (mxfp8 / mxfp4
     layers; several weight files and an index, which pipelined
-    ``sharded_load`` reads)."""
+    ``sharded_load`` reads). Not on mlx-lm 0.31: its pipelined
+    ``sharded_load`` takes only checkpoints named like the model."""
     _check_generate(four, "tiny4", tiny["tiny4"], MODES, 4)
     got = [int(d["n_layers"]) for d in _results(four, "gen-tiny4-pipeline", 4)]
     assert got == [1, 1, 1, 1]
@@ -305,6 +310,7 @@ def _params(model):
     return {k: v.shape for k, v in tree_flatten(model.parameters())}
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     "over,n,needles",
     [
@@ -324,6 +330,7 @@ def test_refuses_configs_that_do_not_split(over, n, needles):
     assert _params(model) == before  # nothing was split
 
 
+@pytest.mark.compat
 def test_refuses_quantized_split_inside_a_scale_group():
     # affine group 64 over expert width 128: 4 ranks would get 32 inputs of
     # down_proj each, half a scale group; 2 ranks get exactly one group.
@@ -340,6 +347,7 @@ def test_refuses_quantized_split_inside_a_scale_group():
     check_shardable(model, 2)  # the same model splits over 2
 
 
+@pytest.mark.compat
 def test_uneven_pipeline_split_covers_every_layer():
     from mlx_arch_plugins.models.deepseek_v4_shard import even_split
 
@@ -364,7 +372,10 @@ def _memory_model():
 
 @pytest.mark.parametrize(
     "fixture,key,fmt,n",
-    [("two", "affine", "mlx4", 2), ("four", "tiny4", "official", 4)],
+    [
+        pytest.param("two", "affine", "mlx4", 2, marks=pytest.mark.compat),
+        ("four", "tiny4", "official", 4),
+    ],
 )
 def test_memory_table_counts_match_loaded_shards(request, tiny, fixture, key, fmt, n):
     """The README's memory table comes from benchmarks/memory_per_host.py;
