@@ -237,3 +237,14 @@ def test_sparse_attention_blocks_do_not_change_results(model, tokens, full_logit
     monkeypatch.setattr(DeepseekV4Attention, "_BLOCK_ELEMS", 1)
     got = np.array(model(mx.array([tokens]))[0])
     np.testing.assert_allclose(got, full_logits, atol=2e-4, rtol=0)
+
+
+def test_kv_bits_leaves_caches_alone(model, tokens):
+    """mlx-lm quantizes only caches with ``to_quantized``; ours stay exact."""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([tokens[:20]]), cache=cache)
+    before = [type(c) for c in cache]
+    maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=64, kv_bits=4)
+    assert [type(c) for c in cache] == before
