@@ -108,3 +108,25 @@ def test_unsupported_configs_are_refused(tmp_path, change, words):
     msg = _error(_checkpoint(tmp_path, config_edit=change))
     for w in words:
         assert w in msg, msg
+
+
+def test_pipelined_host_may_lack_whole_blocks(tmp_path, monkeypatch):
+    """Under a multi-host launch a block with no tensor at all belongs to
+    another host; a partly present block is still an error."""
+    from mlx_arch_plugins.formats import deepseek_v4_checkpoint as ck
+
+    def drop_layer(w):
+        for k in [k for k in w if k.startswith("layers.1.")]:
+            del w[k]
+
+    path = _checkpoint(tmp_path, drop_layer)
+    assert "missing" in _error(path)  # single process: refused
+    monkeypatch.setattr(ck, "_distributed", lambda: True)
+    load_model(path, strict=False)
+
+    def drop_one(w):
+        del w["layers.1.attn.kv_norm.weight"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    assert "kv_norm" in _error(_checkpoint(other, drop_one))
