@@ -2,16 +2,13 @@
 (models/deepseek_v4_kernels.py) against the mx.compile path it replaces.
 
 Runs only where MLX's CUDA backend is available (the H200 device machine:
-`python3 -m pytest tests/test_dsv4_kernels.py` or `python3 tests/test_dsv4_kernels.py`);
+`PYTHONPATH=src python3 -m pytest tests/test_dsv4_kernels.py`, or `python3
+tests/test_dsv4_kernels.py` with the same PYTHONPATH); the package is imported
+as installed, never by editing sys.path (that would change every later test);
 elsewhere the kernel is never used and the test is skipped.
 """
 
-import os
-import sys
-
 import mlx.core as mx
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 try:
     import pytest
@@ -90,7 +87,7 @@ if pytest is not None:
 if __name__ == "__main__":
     if not _cuda():
         print("SKIP: no CUDA backend")
-        sys.exit(0)
+        raise SystemExit(0)
     check_split()
     check_collapse()
     print("PASS sinkhorn kernel")
