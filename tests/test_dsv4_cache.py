@@ -248,3 +248,20 @@ def test_kv_bits_leaves_caches_alone(model, tokens):
     before = [type(c) for c in cache]
     maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=64, kv_bits=4)
     assert [type(c) for c in cache] == before
+
+
+def test_batch_cache_state_round_trip(model, tokens):
+    """A batch cache rebuilt from its state continues every sequence."""
+    from mlx_arch_plugins.models.deepseek_v4_cache import BatchDeepseekV4Cache
+
+    per_seq = []
+    for n in (9, 21):
+        c = make_prompt_cache(model)
+        model(mx.array([tokens[:n]]), cache=c)
+        per_seq.append(c)
+    batch = [c.merge([s[i] for s in per_seq]) for i, c in enumerate(per_seq[0])]
+    rebuilt = [BatchDeepseekV4Cache.from_state(c.state) for c in batch]
+    step = mx.array([[tokens[30]], [tokens[31]]])
+    np.testing.assert_allclose(
+        np.array(model(step, cache=rebuilt)), np.array(model(step, cache=batch)), atol=1e-6
+    )

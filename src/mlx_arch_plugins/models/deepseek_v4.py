@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 

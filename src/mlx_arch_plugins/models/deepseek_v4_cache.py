@@ -230,6 +230,8 @@ class BatchDeepseekV4Cache(_BaseCache):
     @state.setter
     def state(self, v):
         self.caches = [DeepseekV4Cache.from_state(s) for s in v]
+        self._lead = self._lengths = None
+        self._pos = 0
 
     @property
     def meta_state(self):
@@ -244,8 +246,6 @@ class BatchDeepseekV4Cache(_BaseCache):
         obj = cls.__new__(cls)
         obj.state = state
         return obj
-        self._lead = self._lengths = None
-        self._pos = 0
 
     def filter(self, batch_indices):
         if isinstance(batch_indices, mx.array):

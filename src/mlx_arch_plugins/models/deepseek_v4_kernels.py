@@ -11,7 +11,6 @@ The arithmetic is the same, step for step (sums in the same order).
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import mlx.core as mx
 
