@@ -265,3 +265,66 @@ def test_batch_cache_state_round_trip(model, tokens):
     np.testing.assert_allclose(
         np.array(model(step, cache=rebuilt)), np.array(model(step, cache=batch)), atol=1e-6
     )
+
+
+def _prefilled(model, history):
+    cache = make_prompt_cache(model)
+    if history:
+        model(mx.array([history]), cache=cache)
+    return cache
+
+
+def test_packed_batch_decode_matches_single_runs(model, tokens):
+    """Decode steps of a batch whose sequences sit at different positions run
+    packed (one set of kernels for all); every row must equal its own run:
+    across the window fill, compressor block ends, the point where CSA starts
+    selecting top-k, a sequence leaving, one joining, extract and state."""
+    lengths = [1, 5, 30, 127, 140, 200]
+    starts = [0, 9, 3, 40, 20, 50]
+    hists = [tokens[s : s + n] for s, n in zip(starts, lengths)]
+    steps = 14
+    feed = [[tokens[(7 * b + 3 * i) % len(tokens)] for i in range(steps + 2)]
+            for b in range(len(hists))]
+    joiner = tokens[100:160]
+    feed_j = [tokens[(11 * i) % len(tokens)] for i in range(steps)]
+
+    def single(hist, toks):
+        cache = _prefilled(model, hist)
+        return [np.array(model(mx.array([[t]]), cache=cache)[0, 0]) for t in toks]
+
+    want = [single(h, f) for h, f in zip(hists, feed)]
+    want_j = single(joiner, feed_j)
+
+    per_seq = [_prefilled(model, h) for h in hists]
+    batch = [c.merge([s[i] for s in per_seq]) for i, c in enumerate(per_seq[0])]
+    rows = list(range(len(hists)))  # sequence of each batch row
+    got = {b: [] for b in rows}
+    got_j = []
+    for i in range(steps):
+        if i == 6:  # sequence 2 finishes; a new one joins
+            for c in batch:
+                c.filter([r for r in range(len(rows)) if rows[r] != 2])
+            rows = [r for r in rows if r != 2]
+            extra = _prefilled(model, joiner)
+            for c, e in zip(batch, extra):
+                c.extend(c.merge([e]))
+            rows.append("j")
+        ids = [[feed_j[i - 6] if r == "j" else feed[r][i]] for r in rows]
+        out = model(mx.array(ids), cache=batch)
+        assert batch[1]._packed is not None  # the packed path ran
+        for r, logits in zip(rows, np.array(out[:, 0])):
+            (got_j if r == "j" else got[r]).append(logits)
+
+    for b in range(len(hists)):
+        n = 6 if b == 2 else steps
+        np.testing.assert_allclose(np.stack(got[b]), np.stack(want[b][:n]), atol=2e-4, rtol=0)
+    np.testing.assert_allclose(np.stack(got_j), np.stack(want_j[: steps - 6]), atol=2e-4, rtol=0)
+
+    # leaving the packed form: state round trip, extract, then one more step
+    rebuilt = [type(c).from_state(c.state) for c in batch]
+    b0 = rows.index(0)
+    single0 = [c.extract(b0) for c in rebuilt]
+    assert single0[0].offset == lengths[0] + steps
+    nxt = np.array(model(mx.array([[feed[0][steps]]]), cache=single0)[0, 0])
+    ref = single(hists[0], feed[0][: steps + 1])[-1]
+    np.testing.assert_allclose(nxt, ref, atol=2e-4, rtol=0)

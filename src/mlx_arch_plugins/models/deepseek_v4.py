@@ -568,7 +568,9 @@ class DeepseekV4Attention(nn.Module):
         # compressor/indexer projections for all rows at once (weights read once)
         proj = self._project(x, qr) if self.ratio else {}
 
-        if isinstance(cache, BatchDeepseekV4Cache):
+        if isinstance(cache, BatchDeepseekV4Cache) and cache.decoding(L):
+            o = self._decode_packed(q, kv, proj, cache)
+        elif isinstance(cache, BatchDeepseekV4Cache):
             outs = []
             for b, lo, n in cache.segments(L):
                 if n == 0:
@@ -642,6 +644,132 @@ class DeepseekV4Attention(nn.Module):
         cache.push_window(kv)
         cache.offset = T + L
         return o
+
+    # -- decode of a packed batch: one token per sequence, own positions -------
+
+    def _decode_packed(self, q, kv, proj, cache: BatchDeepseekV4Cache):
+        dims = dict(window=self.window, ratio=self.ratio, dtype=kv.dtype,
+                    head_dim=self.head_dim)
+        if self.ratio:
+            dims["comp_width"] = self.compressor.ape.shape[1]
+            if self.ratio == 4:
+                ic = self.indexer.compressor
+                dims.update(index_dim=ic.dim, index_width=ic.ape.shape[1])
+        st = cache.packed(**dims)
+        B = q.shape[0]
+        T = st.offsets
+        Ta = mx.array(T)
+        W = self.window
+        q = self._rope(q.transpose(0, 2, 1, 3), Ta)  # [B, H, 1, hd]
+        kv = self._round_kv(self._rope(kv[:, None], Ta)[:, 0])  # [B, 1, hd]
+        st.window = mx.concatenate([st.window[:, 1:], kv], 1)
+        # window row j holds position T-W+1+j; rows below position 0 are empty
+        low = [W - 1 - t for t in T]
+        wmask = (mx.arange(W)[None] >= mx.array(low)[:, None]) if max(low) > 0 else None
+
+        sinks = self.attn_sink.astype(q.dtype)
+        keys, mask = st.window, wmask
+        if self.ratio:
+            self._packed_compress(proj, st, T)
+            N = max(st.n)
+            cmask = None
+            if min(st.n) < N:
+                cmask = mx.arange(N)[None] < mx.array(st.n)[:, None]
+            if self.ratio == 4 and N > self.indexer.topk:
+                o = self._packed_sparse(q, proj, st, Ta, N, wmask, cmask, sinks)
+                st.offsets = [t + 1 for t in T]
+                o = self._rope(o, Ta, inverse=True)
+                return o.transpose(0, 2, 1, 3)
+            if N:
+                keys = mx.concatenate([keys, st.comp[:, :N]], 1)
+                if mask is not None or cmask is not None:
+                    wm = mask if mask is not None else mx.ones((B, W), dtype=mx.bool_)
+                    cm = cmask if cmask is not None else mx.ones((B, N), dtype=mx.bool_)
+                    mask = mx.concatenate([wm, cm], 1)
+        o = mx.fast.scaled_dot_product_attention(
+            q, keys[:, None], keys[:, None], scale=self.scale,
+            mask=None if mask is None else mask[:, None, None], sinks=sinks,
+        )
+        st.offsets = [t + 1 for t in T]
+        o = self._rope(o, Ta, inverse=True)
+        return o.transpose(0, 2, 1, 3)
+
+    def _packed_compress(self, proj, st, T):
+        """One new row per sequence into the compressor rings; entries of the
+        blocks this row completes go to their slots (the others to scratch)."""
+        m = self.ratio
+        done = [(t + 1) % m == 0 for t in T]
+        k = [t // m for t in T]
+        need = max(k) + 2  # slot max(k) plus the scratch slot
+        if need > st.cap:
+            st.grow(((need + 255) // 256) * 256)
+        slot = mx.array([kb if d else st.cap - 1 for kb, d in zip(k, done)])
+        new = self._ring_step(self.compressor, proj["ckv"], proj["cgate"], "comp", st, T, any(done))
+        rows = mx.arange(len(T))
+        if new is not None:
+            st.comp[rows, slot] = self._round_kv(new)
+        if self.ratio == 4:
+            new = self._ring_step(
+                self.indexer.compressor, proj["ikv"], proj["igate"], "index", st, T, any(done)
+            )
+            if new is not None:
+                st.index[rows, slot] = self.indexer.rotate(new)
+        st.n = [n + d for n, d in zip(st.n, done)]
+
+    @staticmethod
+    def _ring_step(comp: Compressor, kv, score, name, st, T, pool: bool):
+        m, d = comp.ratio, comp.dim
+        ring_kv, ring_sc = st.rings[name]
+        R = ring_kv.shape[1]
+        B = len(T)
+        rows = mx.arange(B)
+        slots = mx.array([t % R for t in T])
+        score = score[:, 0].astype(mx.float32) + comp.ape[mx.array([t % m for t in T])]
+        ring_kv[rows, slots] = kv[:, 0].astype(mx.float32)
+        ring_sc[rows, slots] = score
+        st.rings[name] = (ring_kv, ring_sc)
+        if not pool:
+            return None
+        # each sequence's block of its current position, oldest row first
+        order = []
+        for t in T:
+            kb = t // m
+            first = (kb - 1) * m if comp.overlap else kb * m
+            order.append([p % R for p in range(first, kb * m + m)])
+        order = mx.array(order)[..., None]
+        bkv = mx.take_along_axis(ring_kv, order, axis=1)
+        bsc = mx.take_along_axis(ring_sc, order, axis=1)
+        if comp.overlap:  # previous block through the first d channels
+            bkv = mx.concatenate([bkv[:, :m, :d], bkv[:, m:, d:]], 1)
+            bsc = mx.concatenate([bsc[:, :m, :d], bsc[:, m:, d:]], 1)
+        w = mx.softmax(bsc, axis=1, precise=True)
+        entries = comp.norm((bkv * w).sum(1).astype(kv.dtype))  # [B, d]
+        k = mx.array([t // m for t in T])
+        return comp._rope(entries[:, None, None], k, stride=m)[:, 0, 0]
+
+    def _packed_sparse(self, q, proj, st, Ta, N, wmask, cmask, sinks):
+        B, H, _, hd = q.shape
+        k, W = self.indexer.topk, self.window
+        iq = self.indexer.queries(proj["iq"], Ta)  # [B, 1, Hi, ihd]
+        score = self.indexer.scores(iq, proj["iw"], st.index[:, :N])[:, 0]  # [B, N]
+        if cmask is not None:
+            score = mx.where(cmask, score, -mx.inf)
+        top = mx.argpartition(-score, kth=k - 1, axis=-1)[:, :k]  # [B, k]
+        cap = st.cap
+        kc = st.comp.reshape(B * cap, hd)[(top + (mx.arange(B) * cap)[:, None]).reshape(-1)]
+        keys = mx.concatenate([st.window, kc.reshape(B, k, hd)], 1)[:, None]
+        mask = None
+        if wmask is not None or cmask is not None:
+            wm = wmask if wmask is not None else mx.ones((B, W), dtype=mx.bool_)
+            cm = (
+                mx.take_along_axis(cmask, top, axis=-1)
+                if cmask is not None
+                else mx.ones((B, k), dtype=mx.bool_)
+            )
+            mask = mx.concatenate([wm, cm], 1)[:, None, None]
+        return mx.fast.scaled_dot_product_attention(
+            q, keys, keys, scale=self.scale, mask=mask, sinks=sinks
+        )
 
     def _update_compressed(self, proj, T, cache: DeepseekV4Cache) -> int:
         """Feed the compressors; append completed entries; return their count."""

@@ -11,7 +11,11 @@ compressed entries, one per ``compress_ratio`` tokens.
 e.g. a plain batch without padding). ``BatchDeepseekV4Cache`` is what
 ``merge`` returns for mlx-lm's batch generator: a list of single caches plus
 the padding bookkeeping of the current prompt, so that every sequence is
-computed exactly as it would be alone.
+computed exactly as it would be alone. For decode steps (one token per
+sequence, each at its own position) it switches to a packed form,
+``PackedDecodeState``: the sequences' arrays stacked along the batch axis, so
+a step costs one set of kernels for the whole batch instead of one per
+sequence.
 
 Both classes are registered in ``mlx_lm.models.cache`` by the plugin (that is
 where ``load_prompt_cache`` looks classes up by name).
@@ -188,17 +192,47 @@ class BatchDeepseekV4Cache(_BaseCache):
     """
 
     def __init__(self, caches: List[DeepseekV4Cache]):
-        self.caches = list(caches)
+        self._caches = list(caches)
+        self._packed: Optional[PackedDecodeState] = None
         self._lead = None  # per sequence: padded positions before real tokens
         self._lengths = None  # per sequence: real tokens in the padded prompt
         self._pos = 0  # padded positions consumed since prepare()
 
     @property
+    def caches(self) -> List[DeepseekV4Cache]:
+        """The per-sequence caches (unpacks a packed decode state)."""
+        if self._packed is not None:
+            self._caches = self._packed.unpack()
+            self._packed = None
+        return self._caches
+
+    @caches.setter
+    def caches(self, v):
+        self._packed = None
+        self._caches = list(v)
+
+    def packed(self, **dims) -> "PackedDecodeState":
+        """The packed form for decode steps (built on first use)."""
+        if self._packed is None:
+            self._packed = PackedDecodeState.pack(self._caches, **dims)
+            self._caches = []
+        return self._packed
+
+    def decoding(self, L: int) -> bool:
+        """Whether the next L inputs are one real token per sequence."""
+        return L == 1 and all(n == 1 for _, _, n in self.segments(L))
+
+    def __len__(self):
+        return len(self._packed.offsets) if self._packed is not None else len(self._caches)
+
+    @property
     def offset(self):
+        if self._packed is not None:
+            return mx.array(self._packed.offsets)
         return mx.array([c.offset for c in self.caches])
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
-        n = len(self.caches)
+        n = len(self)
         self._lead = list(left_padding) if left_padding is not None else [0] * n
         self._lengths = list(lengths) if lengths is not None else None
         self._pos = 0
@@ -210,7 +244,7 @@ class BatchDeepseekV4Cache(_BaseCache):
     def segments(self, L: int) -> List[Tuple[int, int, int]]:
         """(sequence, first, count) of the real tokens in the next L inputs."""
         out = []
-        for b in range(len(self.caches)):
+        for b in range(len(self)):
             lo, hi = 0, L
             if self._lead is not None:
                 lo = max(0, self._lead[b] - self._pos)
@@ -250,14 +284,20 @@ class BatchDeepseekV4Cache(_BaseCache):
     def filter(self, batch_indices):
         if isinstance(batch_indices, mx.array):
             batch_indices = batch_indices.tolist()
-        self.caches = [self.caches[i] for i in batch_indices]
+        if self._packed is not None:
+            self._packed.filter(batch_indices)
+        else:
+            self._caches = [self._caches[i] for i in batch_indices]
         for attr in ("_lead", "_lengths"):
             vals = getattr(self, attr)
             if vals is not None:
                 setattr(self, attr, [vals[i] for i in batch_indices])
 
     def extend(self, other: "BatchDeepseekV4Cache"):
-        self.caches.extend(other.caches)
+        if self._packed is not None:
+            self._packed.extend(other.caches)
+        else:
+            self._caches.extend(other.caches)
 
     def extract(self, idx: int) -> DeepseekV4Cache:
         return self.caches[idx].copy()
@@ -270,13 +310,19 @@ class BatchDeepseekV4Cache(_BaseCache):
         return cls([c.copy() for c in out])
 
     def size(self):
+        if self._packed is not None:
+            return max(self._packed.offsets, default=0)
         return max((c.size() for c in self.caches), default=0)
 
     def empty(self):
+        if self._packed is not None:
+            return all(t == 0 for t in self._packed.offsets)
         return all(c.empty() for c in self.caches)
 
     @property
     def nbytes(self):
+        if self._packed is not None:
+            return self._packed.nbytes
         return sum(c.nbytes for c in self.caches)
 
     def is_trimmable(self):
@@ -284,3 +330,173 @@ class BatchDeepseekV4Cache(_BaseCache):
 
     def trim(self, n):
         return 0
+
+
+def _pad_rows(a: Optional[mx.array], rows: int, like: mx.array, left: bool = False):
+    """``a`` [1, r, d] padded with zeros to [1, rows, d] (None: all zeros)."""
+    if a is None or a.shape[1] == 0:
+        return mx.zeros((1, rows, like.shape[-1]), dtype=like.dtype)
+    pad = mx.zeros((1, rows - a.shape[1], a.shape[2]), dtype=a.dtype)
+    return mx.concatenate([pad, a] if left else [a, pad], 1)
+
+
+def _cap(n: int) -> int:
+    # room for one more entry plus a scratch slot (see PackedDecodeState)
+    return ((n + 2 + _GROW_STEP - 1) // _GROW_STEP) * _GROW_STEP
+
+
+class PackedDecodeState:
+    """A batch of DeepSeek-V4 sequences, each at its own position, stacked
+    for decode steps of one token per sequence.
+
+    - ``window`` [B, W, hd]: the last W raw KV rows, right-aligned (rows of
+      positions below 0 are zeros and masked);
+    - ``comp`` / ``index`` [B, cap, d]: compressed entries and indexer keys,
+      ``n[b]`` valid per sequence. The last slot is scratch: a step computes
+      entries for every sequence and writes those whose block is not complete
+      there, so the batch needs no per-sequence branches;
+    - ``ring_*`` [B, R, width]: the compressor's pending rows (float32), row
+      of position p in slot p % R; R = ratio, or 2 * ratio when blocks
+      overlap. Unwritten score slots are -inf (no contribution).
+
+    ``unpack`` gives back caches identical in content to what the same steps
+    would have left in per-sequence ``DeepseekV4Cache`` objects.
+    """
+
+    def __init__(self):
+        self.offsets: List[int] = []
+        self.n: List[int] = []
+        self.window = self.comp = self.index = None
+        self.rings = {}  # "comp" / "index" -> (kv ring, score ring)
+        self.dims = {}
+
+    # -- building ---------------------------------------------------------
+    @classmethod
+    def pack(cls, caches: Sequence[DeepseekV4Cache], *, window: int, ratio: int,
+             dtype, head_dim: int, comp_width: int = 0, index_dim: int = 0,
+             index_width: int = 0) -> "PackedDecodeState":
+        """``dtype``/``head_dim`` of the KV rows (for empty caches); widths:
+        the compressors' row widths (0: none)."""
+        st = cls()
+        st.dims = dict(window=window, ratio=ratio, dtype=dtype, head_dim=head_dim,
+                       comp_width=comp_width, index_dim=index_dim,
+                       index_width=index_width)
+        st.offsets = [c.offset for c in caches]
+        st.n = [c.n_comp for c in caches]
+        like = mx.zeros((1, 1, head_dim), dtype=dtype)
+        st.window = mx.concatenate(
+            [_pad_rows(c.window, window, like, left=True) for c in caches], 0
+        )
+        if ratio:
+            cap = _cap(max(st.n, default=0))
+            st.comp = mx.concatenate([_pad_rows(c.comp, cap, like) for c in caches], 0)
+            st.rings["comp"] = st._pack_ring(caches, "comp_kv", "comp_score", comp_width)
+            if index_dim:
+                ilike = mx.zeros((1, 1, index_dim), dtype=dtype)
+                st.index = mx.concatenate(
+                    [_pad_rows(c.index, cap, ilike) for c in caches], 0
+                )
+                st.rings["index"] = st._pack_ring(
+                    caches, "index_kv", "index_score", index_width
+                )
+        return st
+
+    def _ring_size(self):
+        m = self.dims["ratio"]
+        return 2 * m if m == 4 else m
+
+    def _pack_ring(self, caches, kv_name, sc_name, width):
+        R = self._ring_size()
+        kvs, scs = [], []
+        for c in caches:
+            kv = mx.zeros((1, R, width), dtype=mx.float32)
+            sc = mx.full((1, R, width), -mx.inf, dtype=mx.float32)
+            rows_kv, rows_sc = getattr(c, kv_name), getattr(c, sc_name)
+            if rows_kv is not None and rows_kv.shape[1]:
+                r = rows_kv.shape[1]
+                slots = mx.array([p % R for p in range(c.offset - r, c.offset)])
+                kv[:, slots] = rows_kv.astype(mx.float32)
+                sc[:, slots] = rows_sc.astype(mx.float32)
+            kvs.append(kv)
+            scs.append(sc)
+        return mx.concatenate(kvs, 0), mx.concatenate(scs, 0)
+
+    # -- batch bookkeeping ------------------------------------------------
+    def filter(self, idx: List[int]):
+        sel = mx.array(idx, dtype=mx.int32)
+        self.offsets = [self.offsets[i] for i in idx]
+        self.n = [self.n[i] for i in idx]
+        for name in ("window", "comp", "index"):
+            a = getattr(self, name)
+            if a is not None:
+                setattr(self, name, a[sel])
+        self.rings = {k: (kv[sel], sc[sel]) for k, (kv, sc) in self.rings.items()}
+
+    def extend(self, caches: Sequence[DeepseekV4Cache]):
+        other = PackedDecodeState.pack(caches, **self.dims)
+        cap = max(self.cap, other.cap)
+        self.grow(cap)
+        other.grow(cap)
+        self.offsets += other.offsets
+        self.n += other.n
+        for name in ("window", "comp", "index"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a is not None:
+                setattr(self, name, mx.concatenate([a, b], 0))
+        self.rings = {
+            k: tuple(mx.concatenate([x, y], 0) for x, y in zip(v, other.rings[k]))
+            for k, v in self.rings.items()
+        }
+
+    @property
+    def cap(self) -> int:
+        return 0 if self.comp is None else self.comp.shape[1]
+
+    def grow(self, cap: int):
+        """Make the entry buffers ``cap`` slots long (never shrinks)."""
+        for name in ("comp", "index"):
+            a = getattr(self, name)
+            if a is not None and a.shape[1] < cap:
+                pad = mx.zeros((a.shape[0], cap - a.shape[1], a.shape[2]), dtype=a.dtype)
+                setattr(self, name, mx.concatenate([a, pad], 1))
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.window, self.comp, self.index]
+        arrays += [a for pair in self.rings.values() for a in pair]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    # -- back to per-sequence caches ------------------------------------------
+    def unpack(self) -> List[DeepseekV4Cache]:
+        W, m = self.dims["window"], self.dims["ratio"]
+        out = []
+        for b, T in enumerate(self.offsets):
+            c = DeepseekV4Cache(W, m)
+            c.offset = T
+            r = min(T, W)
+            c.window = self.window[b : b + 1, W - r :] if r else None
+            if m:
+                n = self.n[b]
+                c.n_comp = n
+                if n:
+                    c._comp = self.comp[b : b + 1]
+                    if self.index is not None:
+                        c._index = self.index[b : b + 1]
+                c.comp_kv, c.comp_score = self._unpack_ring("comp", b, T)
+                if "index" in self.rings:
+                    c.index_kv, c.index_score = self._unpack_ring("index", b, T)
+            out.append(c)
+        return out
+
+    def _unpack_ring(self, name, b, T):
+        # rows a per-sequence compressor keeps: its partial block, plus the
+        # previous whole block when blocks overlap
+        m, R = self.dims["ratio"], self._ring_size()
+        keep = (T // m) * m
+        if R != m and T // m > 0:
+            keep -= m
+        if T == keep:
+            return None, None
+        slots = mx.array([p % R for p in range(keep, T)])
+        kv, sc = self.rings[name]
+        return kv[b : b + 1, slots], sc[b : b + 1, slots]

@@ -1,0 +1,156 @@
+"""Where a DeepSeek-V4 decode step's time goes (issue 7): kernel counts per
+layer and the cost of its hot primitives at full Flash width.
+
+  python benchmarks/ops_profile.py [--format official|affine4] [--contexts 1024,131072]
+
+Prints one JSON line per figure (prefix ``JSON ``):
+  nodes     graph nodes of one layer's decode step that launch work (views
+            such as reshape/slice/broadcast excluded), by primitive
+  micro     time of one primitive at decode shapes, from R independent
+            copies evaluated together (amortises the synchronisation)
+  layer     a layer's decode step alone (pipelined, as perf.py times it)
+
+The model is perf.py's in-memory random Flash-width model (3 layers, one per
+kind). Figures are for reading, not asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import perf  # noqa: E402
+
+VIEWS = {
+    "Slice", "Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose",
+    "Flatten", "Unflatten", "View", "Split",
+}
+
+
+def emit(kind, **kw):
+    print("JSON " + json.dumps({"kind": kind, **kw}), flush=True)
+
+
+def kernel_nodes(outputs):
+    """Primitive counts of the (unevaluated) graph behind ``outputs``."""
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        labels = re.findall(r'label ?= ?"([^"]*)"', open(f.name).read())
+    c = collections.Counter(
+        lab.split()[0] for lab in labels if not re.match(r"^[A-Za-z]?\d*$", lab)
+    )
+    work = {k: v for k, v in c.items() if k not in VIEWS}
+    return sum(work.values()), dict(sorted(work.items(), key=lambda kv: -kv[1]))
+
+
+def micro(name, fn, make_inputs, reps=64, runs=5):
+    """ms per call of ``fn`` from ``reps`` independent calls in one graph."""
+    inputs = [make_inputs(i) for i in range(reps)]
+    mx.eval(inputs)
+    mx.eval([fn(*x) for x in inputs[:4]])
+    per = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        mx.eval([fn(*x) for x in inputs])
+        per.append((time.perf_counter() - t0) * 1e3 / reps)
+    ms = statistics.median(per)
+    emit("micro", name=name, ms=round(ms, 5), us=round(ms * 1e3, 2))
+    return ms
+
+
+def chain(name, fn, x0, n=200, runs=5):
+    """ms per call of ``fn`` applied ``n`` times in sequence (dependent)."""
+    mx.eval(x0)
+    per = []
+    for _ in range(runs + 1):
+        x = x0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x = fn(x)
+        mx.eval(x)
+        per.append((time.perf_counter() - t0) * 1e3 / n)
+    ms = statistics.median(per[1:])
+    emit("chain", name=name, ms=round(ms, 5), us=round(ms * 1e3, 2))
+    return ms
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--format", default="official")
+    p.add_argument("--contexts", default="1024,131072")
+    p.add_argument("--width", default="flash")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--no-micro", action="store_true")
+    opts = p.parse_args(argv)
+    dsv4, _, _ = perf._dsv4()
+    emit("env", device=str(mx.default_device()), mlx=mx.__version__)
+
+    bf = mx.bfloat16
+    if not opts.no_micro:
+        # per-kernel floor: a dependent chain of tiny elementwise kernels
+        chain("tiny elementwise (dependent)", lambda x: x * 1.0001 + 1.0,
+              mx.zeros((1, 4096), dtype=bf))
+        micro("tiny elementwise (independent)", lambda x: x * 1.0001 + 1.0,
+              lambda i: mx.full((1, 4096), float(i), dtype=bf))
+        micro("qat_round fp8 [1,1,448]", lambda x: dsv4.qat_round(x, 64, "fp8"),
+              lambda i: mx.random.normal((1, 1, 448)).astype(bf))
+        micro("qat_round fp4 [1,1,64,128]", lambda x: dsv4.qat_round(x, 32, "fp4"),
+              lambda i: mx.random.normal((1, 1, 64, 128)).astype(bf))
+        rope = dsv4.DeepseekV4RoPE(64, 10000.0)
+        micro("rope q [1,64,1,512]", lambda x: rope(x, 1000),
+              lambda i: mx.random.normal((1, 64, 1, 512)).astype(bf))
+        micro("rms_norm [1,1,64,512]", lambda x: mx.fast.rms_norm(x, None, 1e-6),
+              lambda i: mx.random.normal((1, 1, 64, 512)).astype(bf))
+        sinks = mx.zeros((64,), dtype=bf)
+        for nk, masked in ((128, False), (384, True), (640, True)):
+            def sd(q, k, m, masked=masked):
+                return mx.fast.scaled_dot_product_attention(
+                    q, k, k, scale=0.04, mask=m if masked else None, sinks=sinks)
+            micro(f"sdpa H64 keys {nk} mask {masked}", sd, lambda i, nk=nk: (
+                mx.random.normal((1, 64, 1, 512)).astype(bf),
+                mx.random.normal((1, 1, nk, 512)).astype(bf),
+                mx.ones((1, 1, 1, nk), dtype=mx.bool_)))
+        for n in (256, 8192, 32768):
+            micro(f"argpartition top512 of {n}" if n > 512 else f"argpartition top6 of {n}",
+                  lambda s, n=n: mx.argpartition(-s, kth=(511 if n > 512 else 5), axis=-1),
+                  lambda i, n=n: mx.random.normal((1, 1, n)))
+            micro(f"indexer scores N={n}", lambda q, w, k: (
+                mx.maximum((q @ k[:, None].swapaxes(-1, -2)).astype(mx.float32), 0)
+                * w[..., None]).sum(2), lambda i, n=n: (
+                mx.random.normal((1, 1, 64, 128)).astype(bf),
+                mx.random.normal((1, 1, 64)),
+                mx.random.normal((1, n, 128)).astype(bf)))
+        micro("gather 512 of 32768 entries x512", lambda f, t: f[t],
+              lambda i: (mx.random.normal((32768, 512)).astype(bf),
+                         mx.random.randint(0, 32768, (512,))), reps=16)
+
+    model, _, args = perf.build_random(opts.width, 3, opts.format)
+    for T in [int(t) for t in opts.contexts.split(",")]:
+        cache = perf.fill_fast(model, 1, T, 256, args.vocab_size, 8)
+        h = (mx.random.normal((1, 1, args.hc_mult, args.hidden_size)) * 0.1).astype(bf)
+        ids = mx.zeros((1, 1), dtype=mx.int32)
+        mx.eval(h)
+        for i, layer in enumerate(model.model.layers):
+            mx.eval(layer(h, cache[i], ids))
+            n, by = kernel_nodes([layer(h, cache[i], ids)])
+            emit("nodes", context=T, layer=i, ratio=layer.attn.ratio, kernels=n, by=by)
+        times = perf.layer_times(model, args, cache, 1, opts.steps, opts.runs)
+        for i, (r, ms) in enumerate(times):
+            emit("layer", context=T, layer=i, ratio=r, ms=round(ms, 4))
+        del cache
+        mx.clear_cache()
+
+
+if __name__ == "__main__":
+    main()
