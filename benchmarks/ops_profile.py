@@ -56,6 +56,7 @@ def kernel_nodes(outputs):
 def micro(name, fn, make_inputs, reps=64, runs=5):
     """ms per call of ``fn`` from ``reps`` independent calls in one graph."""
     inputs = [make_inputs(i) for i in range(reps)]
+    inputs = [x if isinstance(x, tuple) else (x,) for x in inputs]
     mx.eval(inputs)
     mx.eval([fn(*x) for x in inputs[:4]])
     per = []
@@ -84,6 +85,54 @@ def chain(name, fn, x0, n=200, runs=5):
     return ms
 
 
+def csa_parts(model, cache, T):
+    """The pieces of a CSA layer's decode step at context T, each timed alone
+    on the layer's real cache (R copies per graph)."""
+    idx = [i for i, l in enumerate(model.model.layers) if l.attn.ratio == 4]
+    if not idx:
+        return
+    attn, c = model.model.layers[idx[0]].attn, cache[idx[0]]
+    ind = attn.indexer
+    x = (mx.random.normal((1, 1, model.args.hidden_size)) * 0.1).astype(mx.bfloat16)
+    qr = (mx.random.normal((1, 1, model.args.q_lora_rank)) * 0.1).astype(mx.bfloat16)
+    mx.eval(x, qr)
+    N = c.n_comp
+    iq = ind.queries(ind.wq_b(qr), T)
+    iw = ind.weights_proj(x)
+    mx.eval(iq, iw)
+    score = ind.scores(iq, iw, c.index)[:, 0]
+    mx.eval(score)
+    top = mx.argpartition(-score, kth=ind.topk - 1, axis=-1)[:, : ind.topk]
+    mx.eval(top)
+    tag = f"CSA T={T} N={N}"
+    micro(f"{tag} projections (all)", lambda x, qr: list(attn._project(x, qr, True).values()),
+          lambda i: (x + i * 1e-3, qr), reps=16)
+    micro(f"{tag} index queries", lambda a: ind.queries(a, T),
+          lambda i: ind.wq_b(qr) + i * 1e-3, reps=16)
+    micro(f"{tag} index scores", lambda a: ind.scores(a, iw, c.index),
+          lambda i: iq + i * 1e-3, reps=16)
+    micro(f"{tag} argpartition", lambda s: mx.argpartition(-s, kth=ind.topk - 1, axis=-1),
+          lambda i: score + i * 1e-3, reps=16)
+    hd = attn.head_dim
+    cap = c._comp.shape[1]
+    micro(f"{tag} gather entries", lambda t: c._comp.reshape(-1, hd)[t.reshape(-1)],
+          lambda i: (top + i) % N, reps=16)
+    # one compressor step: 4 tokens so that one block completes
+    x4 = (mx.random.normal((1, 4, model.args.hidden_size)) * 0.1).astype(mx.bfloat16)
+    mx.eval(x4)
+    pr = attn._project(x4, qr, False)
+    mx.eval(list(pr.values()))
+
+    def compress(off):
+        cc = c.copy()
+        cc.offset = off
+        cc.comp_kv = cc.comp_score = cc.index_kv = cc.index_score = None
+        n = attn._update_compressed(pr, off, cc)
+        return [cc._comp, cc._index, mx.array(n)]
+    start = (T // 4) * 4
+    micro(f"{tag} compress+append one block (cap {cap})", compress, lambda i: (start,), reps=8)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--format", default="official")
@@ -92,6 +141,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--no-micro", action="store_true")
+    p.add_argument("--layers-only", action="store_true", help="skip node counts")
     opts = p.parse_args(argv)
     dsv4, _, _ = perf._dsv4()
     emit("env", device=str(mx.default_device()), mlx=mx.__version__)
@@ -141,10 +191,11 @@ def main(argv=None):
         h = (mx.random.normal((1, 1, args.hc_mult, args.hidden_size)) * 0.1).astype(bf)
         ids = mx.zeros((1, 1), dtype=mx.int32)
         mx.eval(h)
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate([] if opts.layers_only else model.model.layers):
             mx.eval(layer(h, cache[i], ids))
             n, by = kernel_nodes([layer(h, cache[i], ids)])
             emit("nodes", context=T, layer=i, ratio=layer.attn.ratio, kernels=n, by=by)
+        csa_parts(model, cache, T)
         times = perf.layer_times(model, args, cache, 1, opts.steps, opts.runs)
         for i, (r, ms) in enumerate(times):
             emit("layer", context=T, layer=i, ratio=r, ms=round(ms, 4))

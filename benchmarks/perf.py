@@ -53,7 +53,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
+# MLX_ARCH_PLUGINS_SRC: another source tree (e.g. an older revision) to time
+SRC = os.environ.get("MLX_ARCH_PLUGINS_SRC") or os.path.join(os.path.dirname(HERE), "src")
 
 # DeepSeek-V4-Flash shapes (config.json of the released model).
 FLASH = dict(

@@ -438,8 +438,9 @@ class Compressor(nn.Module):
         B, L, _ = kv.shape
         dtype = kv.dtype
         kv = kv.astype(mx.float32)
-        pos = mx.arange(offset, offset + L) % m
-        score = score.astype(mx.float32) + self.ape[pos]
+        p0 = offset % m
+        ape = self.ape[p0 : p0 + L] if p0 + L <= m else self.ape[mx.arange(offset, offset + L) % m]
+        score = score.astype(mx.float32) + ape
         if kv_rows is not None:
             kv = mx.concatenate([kv_rows, kv], 1)
             score = mx.concatenate([score_rows, score], 1)
@@ -566,7 +567,11 @@ class DeepseekV4Attention(nn.Module):
         q = mx.fast.rms_norm(q, None, self.eps)
         kv = self.kv_norm(self.wkv(x))
         # compressor/indexer projections for all rows at once (weights read once)
-        proj = self._project(x, qr) if self.ratio else {}
+        proj = {}
+        if self.ratio:
+            last = (cache.size() if cache is not None else 0) + L
+            proj = self._project(x, qr, index=last // self.ratio > self.indexer.topk
+                                 if self.ratio == 4 else False)
 
         if isinstance(cache, BatchDeepseekV4Cache) and cache.decoding(L):
             o = self._decode_packed(q, kv, proj, cache)
@@ -600,13 +605,26 @@ class DeepseekV4Attention(nn.Module):
             o = mx.distributed.all_sum(o, group=self.sharding_group)
         return o
 
-    def _project(self, x, qr):
+    def _project(self, x, qr, index: bool):
+        """Compressor (and indexer) projections; the index queries and head
+        weights only when the indexer is going to select (``index``)."""
         proj = dict(zip(("ckv", "cgate"), self.compressor.project(x)))
         if self.ratio == 4:
             proj.update(zip(("ikv", "igate"), self.indexer.compressor.project(x)))
-            proj["iq"] = self.indexer.wq_b(qr)
-            proj["iw"] = self.indexer.weights_proj(x)
+            if index:
+                proj["iq"] = self.indexer.wq_b(qr)
+                proj["iw"] = self.indexer.weights_proj(x)
         return proj
+
+    def _sinks(self, dtype):
+        # cast once per weight array and dtype, not once per step
+        key = (id(self.attn_sink), dtype)
+        memo = getattr(self, "_sink_memo", None)
+        if memo is None or memo[0] != key or memo[1] is not self.attn_sink:
+            cast = self.attn_sink.astype(dtype)
+            object.__setattr__(self, "_sink_memo", (key, self.attn_sink, cast))
+            memo = self._sink_memo
+        return memo[2]
 
     def _attend(self, q, kv, proj, cache: DeepseekV4Cache):
         """Attention for tokens at positions [T, T+L) of one aligned batch."""
@@ -614,6 +632,8 @@ class DeepseekV4Attention(nn.Module):
         T = cache.offset
         q = self._rope(q.transpose(0, 2, 1, 3), T)  # [B, H, L, hd]
         kv = self._round_kv(self._rope(kv, T))  # [B, L, hd]
+        if L == 1:
+            return self._decode_one(q, kv, proj, cache)
 
         # raw window: cached rows (positions [T-W0, T)) then the new ones
         win = cache.window
@@ -624,7 +644,7 @@ class DeepseekV4Attention(nn.Module):
         mask = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - self.window)
         mask = mx.broadcast_to(mask, (B, L, keys.shape[1]))
 
-        sinks = self.attn_sink.astype(q.dtype)
+        sinks = self._sinks(q.dtype)
         N = self._update_compressed(proj, T, cache) if self.ratio else 0
         if self.ratio == 4 and N > self.indexer.topk:
             o = self._sparse(q, keys, W0, T, proj, cache, sinks)
@@ -667,7 +687,7 @@ class DeepseekV4Attention(nn.Module):
         low = [W - 1 - t for t in T]
         wmask = (mx.arange(W)[None] >= mx.array(low)[:, None]) if max(low) > 0 else None
 
-        sinks = self.attn_sink.astype(q.dtype)
+        sinks = self._sinks(q.dtype)
         keys, mask = st.window, wmask
         if self.ratio:
             self._packed_compress(proj, st, T)
@@ -771,6 +791,33 @@ class DeepseekV4Attention(nn.Module):
             q, keys, keys, scale=self.scale, mask=mask, sinks=sinks
         )
 
+    def _decode_one(self, q, kv, proj, cache: DeepseekV4Cache):
+        """One token of an aligned batch: after the push the window holds
+        exactly the rows this query sees, and every compressed entry is
+        visible, so no mask is built."""
+        T = cache.offset
+        cache.push_window(kv)
+        keys = cache.window
+        sinks = self._sinks(q.dtype)
+        N = self._update_compressed(proj, T, cache) if self.ratio else 0
+        if self.ratio == 4 and N > self.indexer.topk:
+            B, hd = keys.shape[0], keys.shape[-1]
+            iq = self.indexer.queries(proj["iq"], T)
+            score = self.indexer.scores(iq, proj["iw"], cache.index)[:, 0]  # [B, N]
+            top = mx.argpartition(-score, kth=self.indexer.topk - 1, axis=-1)
+            top = top[:, : self.indexer.topk]
+            cap = cache._comp.shape[1]
+            flat = cache._comp.reshape(-1, hd)
+            kc = flat[(top + (mx.arange(B) * cap)[:, None]).reshape(-1)]
+            keys = mx.concatenate([keys, kc.reshape(B, -1, hd)], 1)
+        elif N:
+            keys = mx.concatenate([keys, cache.comp], 1)
+        o = mx.fast.scaled_dot_product_attention(
+            q, keys[:, None], keys[:, None], scale=self.scale, sinks=sinks
+        )
+        cache.offset = T + 1
+        return self._rope(o, T, inverse=True).transpose(0, 2, 1, 3)
+
     def _update_compressed(self, proj, T, cache: DeepseekV4Cache) -> int:
         """Feed the compressors; append completed entries; return their count."""
         new, cache.comp_kv, cache.comp_score = self.compressor(
@@ -844,6 +891,20 @@ def _gate_scores(x, weight, scoring):
     return mx.sqrt(nn.softplus(logits))
 
 
+@mx.compile
+def _gate_keys(x, weight, bias, scoring):
+    # scores and the negated biased scores argpartition ranks, in one pass
+    scores = _gate_scores(x, weight, scoring)
+    return scores, -(scores + bias)
+
+
+@mx.compile
+def _route_weights(w, scale, normalize):
+    if normalize:
+        w = w / w.sum(-1, keepdims=True)
+    return w * scale
+
+
 class MoEGate(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -861,17 +922,16 @@ class MoEGate(nn.Module):
             )
 
     def __call__(self, x, input_ids):
-        scores = _gate_scores(x, self.weight, self.scoring)
         if self.hash:
+            scores = _gate_scores(x, self.weight, self.scoring)
             inds = self.tid2eid[input_ids]
         else:
-            biased = scores + self.e_score_correction_bias
+            scores, keys = _gate_keys(x, self.weight, self.e_score_correction_bias, self.scoring)
             k = self.top_k
-            inds = mx.argpartition(-biased, kth=k - 1, axis=-1)[..., :k]
+            inds = mx.argpartition(keys, kth=k - 1, axis=-1)[..., :k]
         weights = mx.take_along_axis(scores, inds, axis=-1)
-        if self.scoring != "softmax" and self.normalize:
-            weights = weights / weights.sum(-1, keepdims=True)
-        return inds, weights * self.route_scale
+        normalize = self.scoring != "softmax" and self.normalize
+        return inds, _route_weights(weights, self.route_scale, normalize)
 
 
 @mx.compile
@@ -882,6 +942,12 @@ def _clipped_swiglu(gate, up, limit):
         gate = mx.minimum(gate, limit)
         up = mx.clip(up, -limit, limit)
     return nn.silu(gate) * up
+
+
+@mx.compile
+def _weighted_swiglu(gate, up, w, limit):
+    # routed experts: the routing weight scales the activation (one kernel)
+    return (_clipped_swiglu(gate, up, limit) * w).astype(gate.dtype)
 
 
 class _SwitchLinear(SwitchLinear):
@@ -924,12 +990,12 @@ class SwitchClippedGLU(nn.Module):
             x = x.flatten(0, -3)[order // k]
             idx = indices.flatten()[order]
             w = weights.flatten()[order][:, None, None]
-        h = _clipped_swiglu(
+        h = _weighted_swiglu(
             self.gate_proj(x, idx, sorted_indices=do_sort),
             self.up_proj(x, idx, sorted_indices=do_sort),
+            w,
             self.limit,
         )
-        h = (h * w).astype(x.dtype)
         y = self.down_proj(h, idx, sorted_indices=do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, indices.shape)
@@ -947,6 +1013,14 @@ class SharedExpert(nn.Module):
     def __call__(self, x):
         h = _clipped_swiglu(self.gate_proj(x), self.up_proj(x), self.limit)
         return self.down_proj(h.astype(x.dtype))
+
+
+@mx.compile
+def _moe_sum(routed, shared):
+    # routed [.., k, D] + shared [.., D], summed in float32; shared has the
+    # activations' dtype
+    y = routed.astype(mx.float32).sum(-2) + shared.astype(mx.float32)
+    return y.astype(shared.dtype)
 
 
 class DeepseekV4MoE(nn.Module):
@@ -968,10 +1042,13 @@ class DeepseekV4MoE(nn.Module):
 
     def __call__(self, x, input_ids):
         inds, weights = self.gate(x, input_ids)
-        y = self.switch_mlp(x, inds, weights).astype(mx.float32).sum(-2)
-        y = y + self.shared_experts(x).astype(mx.float32)
-        if self.sharding_group is not None:  # partial sums over expert widths
-            y = mx.distributed.all_sum(y, group=self.sharding_group)
+        routed = self.switch_mlp(x, inds, weights)
+        shared = self.shared_experts(x)
+        if self.sharding_group is None:
+            return _moe_sum(routed, shared)
+        # partial sums over expert widths, added in float32
+        y = routed.astype(mx.float32).sum(-2) + shared.astype(mx.float32)
+        y = mx.distributed.all_sum(y, group=self.sharding_group)
         return y.astype(x.dtype)
 
 
