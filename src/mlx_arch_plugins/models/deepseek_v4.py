@@ -15,6 +15,7 @@ e2m1 experts) are re-packed by ``Model.sanitize`` into MLX ``mxfp8`` and
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -668,122 +669,96 @@ class DeepseekV4Attention(nn.Module):
     # -- decode of a packed batch: one token per sequence, own positions -------
 
     def _decode_packed(self, q, kv, proj, cache: BatchDeepseekV4Cache):
-        dims = dict(window=self.window, ratio=self.ratio, dtype=kv.dtype,
-                    head_dim=self.head_dim)
-        if self.ratio:
-            dims["comp_width"] = self.compressor.ape.shape[1]
-            if self.ratio == 4:
-                ic = self.indexer.compressor
-                dims.update(index_dim=ic.dim, index_width=ic.ape.shape[1])
-        st = cache.packed(**dims)
-        B = q.shape[0]
-        T = st.offsets
-        Ta = mx.array(T)
-        W = self.window
-        q = self._rope(q.transpose(0, 2, 1, 3), Ta)  # [B, H, 1, hd]
-        kv = self._round_kv(self._rope(kv[:, None], Ta)[:, 0])  # [B, 1, hd]
+        st = cache._packed
+        if st is None:
+            dims = dict(window=self.window, ratio=self.ratio, dtype=kv.dtype,
+                        head_dim=self.head_dim)
+            if self.ratio:
+                dims["comp_width"] = self.compressor.ape.shape[1]
+                if self.ratio == 4:
+                    ic = self.indexer.compressor
+                    dims.update(index_dim=ic.dim, index_width=ic.ape.shape[1])
+            st = cache.packed(**dims)
+        m = self.ratio
+        if m:
+            need = max(st.offsets) // m + 2  # newest block's slot + scratch
+            if need > st.cap:
+                st.grow(((need + 255) // 256) * 256)
+        plan = _packed_plan(tuple(st.offsets), self.window, m, st.cap)
+        q = self._rope(q.transpose(0, 2, 1, 3), plan.Ta)  # [B, H, 1, hd]
+        kv = self._round_kv(self._rope(kv[:, None], plan.Ta)[:, 0])  # [B, 1, hd]
         st.window = mx.concatenate([st.window[:, 1:], kv], 1)
-        # window row j holds position T-W+1+j; rows below position 0 are empty
-        low = [W - 1 - t for t in T]
-        wmask = (mx.arange(W)[None] >= mx.array(low)[:, None]) if max(low) > 0 else None
-
         sinks = self._sinks(q.dtype)
-        keys, mask = st.window, wmask
-        if self.ratio:
-            self._packed_compress(proj, st, T)
-            N = max(st.n)
-            cmask = None
-            if min(st.n) < N:
-                cmask = mx.arange(N)[None] < mx.array(st.n)[:, None]
-            if self.ratio == 4 and N > self.indexer.topk:
-                o = self._packed_sparse(q, proj, st, Ta, N, wmask, cmask, sinks)
-                st.offsets = [t + 1 for t in T]
-                o = self._rope(o, Ta, inverse=True)
-                return o.transpose(0, 2, 1, 3)
+        keys, mask = st.window, plan.wmask
+        if m:
+            self._packed_compress(proj, st, plan)
+            N = plan.N
+            if m == 4 and N > self.indexer.topk:
+                o = self._packed_sparse(q, proj, st, plan, sinks)
+                st.offsets = plan.next
+                return self._rope(o, plan.Ta, inverse=True).transpose(0, 2, 1, 3)
             if N:
                 keys = mx.concatenate([keys, st.comp[:, :N]], 1)
-                if mask is not None or cmask is not None:
-                    wm = mask if mask is not None else mx.ones((B, W), dtype=mx.bool_)
-                    cm = cmask if cmask is not None else mx.ones((B, N), dtype=mx.bool_)
-                    mask = mx.concatenate([wm, cm], 1)
+                mask = plan.mask
         o = mx.fast.scaled_dot_product_attention(
-            q, keys[:, None], keys[:, None], scale=self.scale,
-            mask=None if mask is None else mask[:, None, None], sinks=sinks,
+            q, keys[:, None], keys[:, None], scale=self.scale, mask=mask, sinks=sinks
         )
-        st.offsets = [t + 1 for t in T]
-        o = self._rope(o, Ta, inverse=True)
-        return o.transpose(0, 2, 1, 3)
+        st.offsets = plan.next
+        return self._rope(o, plan.Ta, inverse=True).transpose(0, 2, 1, 3)
 
-    def _packed_compress(self, proj, st, T):
+    def _packed_compress(self, proj, st, plan):
         """One new row per sequence into the compressor rings; entries of the
         blocks this row completes go to their slots (the others to scratch)."""
-        m = self.ratio
-        done = [(t + 1) % m == 0 for t in T]
-        k = [t // m for t in T]
-        need = max(k) + 2  # slot max(k) plus the scratch slot
-        if need > st.cap:
-            st.grow(((need + 255) // 256) * 256)
-        slot = mx.array([kb if d else st.cap - 1 for kb, d in zip(k, done)])
-        new = self._ring_step(self.compressor, proj["ckv"], proj["cgate"], "comp", st, T, any(done))
-        rows = mx.arange(len(T))
+        new = self._ring_step(self.compressor, proj["ckv"], proj["cgate"], "comp", st, plan)
         if new is not None:
-            st.comp[rows, slot] = self._round_kv(new)
+            st.comp[plan.rows, plan.write] = self._round_kv(new)
         if self.ratio == 4:
             new = self._ring_step(
-                self.indexer.compressor, proj["ikv"], proj["igate"], "index", st, T, any(done)
+                self.indexer.compressor, proj["ikv"], proj["igate"], "index", st, plan
             )
             if new is not None:
-                st.index[rows, slot] = self.indexer.rotate(new)
-        st.n = [n + d for n, d in zip(st.n, done)]
+                st.index[plan.rows, plan.write] = self.indexer.rotate(new)
+        st.n = plan.n
 
     @staticmethod
-    def _ring_step(comp: Compressor, kv, score, name, st, T, pool: bool):
+    def _ring_step(comp: Compressor, kv, score, name, st, plan):
         m, d = comp.ratio, comp.dim
         ring_kv, ring_sc = st.rings[name]
-        R = ring_kv.shape[1]
-        B = len(T)
-        rows = mx.arange(B)
-        slots = mx.array([t % R for t in T])
-        score = score[:, 0].astype(mx.float32) + comp.ape[mx.array([t % m for t in T])]
-        ring_kv[rows, slots] = kv[:, 0].astype(mx.float32)
-        ring_sc[rows, slots] = score
+        ring_kv[plan.rows, plan.slots] = kv[:, 0].astype(mx.float32)
+        ring_sc[plan.rows, plan.slots] = score[:, 0].astype(mx.float32) + comp.ape[plan.ape_pos]
         st.rings[name] = (ring_kv, ring_sc)
-        if not pool:
+        if not plan.pool:
             return None
-        # each sequence's block of its current position, oldest row first
-        order = []
-        for t in T:
-            kb = t // m
-            first = (kb - 1) * m if comp.overlap else kb * m
-            order.append([p % R for p in range(first, kb * m + m)])
-        order = mx.array(order)[..., None]
-        bkv = mx.take_along_axis(ring_kv, order, axis=1)
-        bsc = mx.take_along_axis(ring_sc, order, axis=1)
-        if comp.overlap:  # previous block through the first d channels
+        if comp.overlap:
+            # each sequence's previous block (first d channels) then its
+            # current block (last d channels), oldest row first
+            bkv = mx.take_along_axis(ring_kv, plan.order, axis=1)
+            bsc = mx.take_along_axis(ring_sc, plan.order, axis=1)
             bkv = mx.concatenate([bkv[:, :m, :d], bkv[:, m:, d:]], 1)
             bsc = mx.concatenate([bsc[:, :m, :d], bsc[:, m:, d:]], 1)
+        else:  # ring of one block: slot i holds row i of the block
+            bkv, bsc = ring_kv, ring_sc
         w = mx.softmax(bsc, axis=1, precise=True)
         entries = comp.norm((bkv * w).sum(1).astype(kv.dtype))  # [B, d]
-        k = mx.array([t // m for t in T])
-        return comp._rope(entries[:, None, None], k, stride=m)[:, 0, 0]
+        return comp._rope(entries[:, None, None], plan.blocks, stride=m)[:, 0, 0]
 
-    def _packed_sparse(self, q, proj, st, Ta, N, wmask, cmask, sinks):
+    def _packed_sparse(self, q, proj, st, plan, sinks):
         B, H, _, hd = q.shape
-        k, W = self.indexer.topk, self.window
-        iq = self.indexer.queries(proj["iq"], Ta)  # [B, 1, Hi, ihd]
+        k, N = self.indexer.topk, plan.N
+        iq = self.indexer.queries(proj["iq"], plan.Ta)  # [B, 1, Hi, ihd]
         score = self.indexer.scores(iq, proj["iw"], st.index[:, :N])[:, 0]  # [B, N]
-        if cmask is not None:
-            score = mx.where(cmask, score, -mx.inf)
+        if plan.cmask is not None:
+            score = mx.where(plan.cmask, score, -mx.inf)
         top = mx.argpartition(-score, kth=k - 1, axis=-1)[:, :k]  # [B, k]
         cap = st.cap
-        kc = st.comp.reshape(B * cap, hd)[(top + (mx.arange(B) * cap)[:, None]).reshape(-1)]
+        kc = st.comp.reshape(B * cap, hd)[(top + plan.base).reshape(-1)]
         keys = mx.concatenate([st.window, kc.reshape(B, k, hd)], 1)[:, None]
         mask = None
-        if wmask is not None or cmask is not None:
-            wm = wmask if wmask is not None else mx.ones((B, W), dtype=mx.bool_)
+        if plan.wmask is not None or plan.cmask is not None:
+            wm = plan.wmask4 if plan.wmask is not None else mx.ones((B, self.window), dtype=mx.bool_)
             cm = (
-                mx.take_along_axis(cmask, top, axis=-1)
-                if cmask is not None
+                mx.take_along_axis(plan.cmask, top, axis=-1)
+                if plan.cmask is not None
                 else mx.ones((B, k), dtype=mx.bool_)
             )
             mask = mx.concatenate([wm, cm], 1)[:, None, None]
@@ -874,6 +849,54 @@ class DeepseekV4Attention(nn.Module):
             outs.append(o.reshape(B, n, H, hd))
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, 1)
         return o.transpose(0, 2, 1, 3)
+
+
+class _Plan:
+    pass
+
+
+@functools.lru_cache(maxsize=16)
+def _packed_plan(T: tuple, W: int, m: int, cap: int) -> _Plan:
+    """Index arrays of one packed decode step, shared by every layer of a
+    kind (they depend only on the positions). Built from Python lists, so
+    they are plain data (usable from any thread), once per step."""
+    p = _Plan()
+    B = len(T)
+    p.Ta = mx.array(T, dtype=mx.int32)
+    p.next = [t + 1 for t in T]
+    # window row j holds position T-W+1+j; rows below position 0 are empty
+    low = [W - 1 - t for t in T]
+    wm = [[j >= lo for j in range(W)] for lo in low] if max(low) > 0 else None
+    p.wmask4 = None if wm is None else mx.array(wm)
+    p.wmask = None if wm is None else p.wmask4[:, None, None]
+    if not m:
+        return p
+    R = 2 * m if m == 4 else m
+    p.rows = mx.array(list(range(B)), dtype=mx.int32)
+    p.slots = mx.array([t % R for t in T], dtype=mx.int32)
+    p.ape_pos = mx.array([t % m for t in T], dtype=mx.int32)
+    done = [(t + 1) % m == 0 for t in T]
+    p.pool = any(done)
+    blocks = [t // m for t in T]
+    p.blocks = mx.array(blocks, dtype=mx.int32)
+    p.write = mx.array([kb if d else cap - 1 for kb, d in zip(blocks, done)], dtype=mx.int32)
+    if p.pool and m == 4:
+        p.order = mx.array(
+            [[p_ % R for p_ in range((kb - 1) * m, kb * m + m)] for kb in blocks],
+            dtype=mx.int32,
+        )[..., None]
+    p.n = [(t + 1) // m for t in T]
+    p.N = N = max(p.n)
+    cm = [[j < n for j in range(N)] for n in p.n] if min(p.n) < N else None
+    p.cmask = None if cm is None else mx.array(cm)
+    p.base = mx.array([[b * cap] for b in range(B)], dtype=mx.int32)
+    if wm is None and cm is None:
+        p.mask = None
+    else:
+        rows = [(w if wm else [True] * W) + (c if cm else [True] * N)
+                for w, c in zip(wm or [None] * B, cm or [None] * B)]
+        p.mask = mx.array(rows)[:, None, None]
+    return p
 
 
 # ----------------------------------------------------------------------------

@@ -437,8 +437,9 @@ class PackedDecodeState:
         cap = max(self.cap, other.cap)
         self.grow(cap)
         other.grow(cap)
-        self.offsets += other.offsets
-        self.n += other.n
+        # new lists: step plans share theirs between layers
+        self.offsets = self.offsets + other.offsets
+        self.n = self.n + other.n
         for name in ("window", "comp", "index"):
             a, b = getattr(self, name), getattr(other, name)
             if a is not None:
