@@ -31,6 +31,10 @@ prompt of T tokens (`prefill` measures real prompts).
 
 Each measurement prints one JSON line (prefix ``JSON ``), then a table.
 
+A/B against another revision: set MLX_ARCH_PLUGINS_SRC to that revision's
+``src`` directory (e.g. from ``git archive REV src``) and run the same command
+in the same session; machines differ too much for comparisons across them.
+
   python benchmarks/perf.py all --random flash --layers 3 --format official
   python benchmarks/perf.py decode --model path/to/model --contexts 1024,8192
 """
@@ -42,7 +46,6 @@ import gc
 import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -587,92 +590,6 @@ def layer_times(model, args, cache, batch, steps, runs):
     return out
 
 
-# ----------------------------------------------------------------------------
-# A/B: the pre-fusion forms of the decode hot paths (model file before the
-# mx.compile fusions), swapped in by --ab to measure the gain in one process
-# ----------------------------------------------------------------------------
-
-
-def unfused_patch():
-    """Swap the model module's fused helpers for their earlier forms; returns
-    an undo function. Same arithmetic, more kernels."""
-    dsv4, _, _ = _dsv4()
-
-    @mx.compile
-    def sinkhorn(mixes, scale, base, hc, iters, eps):
-        pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
-        post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
-        comb = mixes[..., 2 * hc :] * scale[2] + base[2 * hc :]
-        comb = comb.reshape(*comb.shape[:-1], hc, hc)
-        comb = mx.softmax(comb, axis=-1, precise=True) + eps
-        comb = comb / (comb.sum(-2, keepdims=True) + eps)
-        for _ in range(iters - 1):
-            comb = comb / (comb.sum(-1, keepdims=True) + eps)
-            comb = comb / (comb.sum(-2, keepdims=True) + eps)
-        return pre, post, comb
-
-    def collapse(self, h):
-        mixes = dsv4._hc_mix_logits(h, self.fn, self.norm_eps)
-        pre, post, comb = sinkhorn(mixes, self.scale, self.base, self.hc, self.iters, self.eps)
-        x = (pre[..., None] * h.astype(mx.float32)).sum(-2)
-        return x.astype(h.dtype), post, comb
-
-    def expand(y, residual, post, comb):
-        mixed = comb.swapaxes(-1, -2) @ residual.astype(mx.float32)
-        out = post[..., None] * y[..., None, :].astype(mx.float32) + mixed
-        return out.astype(residual.dtype)
-
-    def qat_round(x, block, fmt):
-        dtype, shape = x.dtype, x.shape
-        xb = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // block, block)
-        amax = mx.max(mx.abs(xb), axis=-1, keepdims=True)
-        if fmt == "fp8":
-            qmax, floor, mant, min_exp = 448.0, 1e-4, 3, -6
-        else:
-            qmax, floor, mant, min_exp = 6.0, 6 * 2.0**-126, 1, 0
-        scale = dsv4._pow2_scale(mx.maximum(amax, floor), qmax)
-        q = mx.clip(xb / scale, -qmax, qmax)
-        q = mx.where(q == 0, 0.0, dsv4._round_to_grid(mx.where(q == 0, 1.0, q), mant, min_exp))
-        return (q * scale).reshape(shape).astype(dtype)
-
-    def swiglu(gate, up, limit):
-        gate = gate.astype(mx.float32)
-        up = up.astype(mx.float32)
-        if limit > 0:
-            gate = mx.minimum(gate, limit)
-            up = mx.clip(up, -limit, limit)
-        return nn.silu(gate) * up
-
-    def gate_scores(x, weight, scoring):
-        logits = x.astype(mx.float32) @ weight.astype(mx.float32).T
-        if scoring == "softmax":
-            return mx.softmax(logits, axis=-1, precise=True)
-        if scoring == "sigmoid":
-            return mx.sigmoid(logits)
-        return mx.sqrt(nn.softplus(logits))
-
-    HC = dsv4.HyperConnection
-    saved = {k: getattr(dsv4, k, None) for k in ("qat_round", "_clipped_swiglu", "_gate_scores")}
-    saved_hc = (HC.__dict__["collapse"], HC.__dict__["expand"])
-    HC.collapse, HC.expand = collapse, staticmethod(expand)
-    dsv4.qat_round, dsv4._clipped_swiglu = qat_round, swiglu
-    if saved["_gate_scores"] is not None:
-        dsv4._gate_scores = gate_scores
-
-    def undo():
-        HC.collapse, HC.expand = saved_hc
-        for k, v in saved.items():
-            if v is not None:
-                setattr(dsv4, k, v)
-
-    return undo
-
-
-# ----------------------------------------------------------------------------
-# driver
-# ----------------------------------------------------------------------------
-
-
 RESULTS = []
 
 
@@ -743,9 +660,6 @@ def main(argv=None):
     p.add_argument("--no-batch-cache", action="store_true",
                    help="skip the per-sequence BatchDeepseekV4Cache batch-8 run")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip the rest after this")
-    p.add_argument("--ab", action="store_true",
-                   help="also time batch-1 decode at the first context with the "
-                   "pre-fusion hot paths (same process, interleaved)")
     p.add_argument("--json-out")
     o = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -841,33 +755,6 @@ def main(argv=None):
                 cache = None
                 gc.collect()
 
-    if o.ab and is_dsv4(model) and not over_budget():
-        T = ctxs[0]
-        res = {"fused": [], "unfused": [], "compiled_only": []}
-        cache = fill_cache(model, 1, T, o, vocab)
-        for rnd in range(3):  # interleaved: drift hits all alike
-            for name in ("unfused", "compiled_only", "fused"):
-                undo = unfused_patch() if name == "unfused" else (lambda: None)
-                # compiled_only: the mx.compile path without the CUDA kernel
-                os.environ["MLX_ARCH_PLUGINS_FUSED"] = "0" if name == "compiled_only" else "1"
-                try:
-                    ms, _, host = decode_runs(model, cache, 1, vocab, o.steps, o.runs, o.warm)
-                finally:
-                    undo()
-                    os.environ.pop("MLX_ARCH_PLUGINS_FUSED", None)
-                res[name].append((ms, host))
-        co = statistics.median(m for m, _ in res["compiled_only"])
-        fu = statistics.median(m for m, _ in res["fused"])
-        un = statistics.median(m for m, _ in res["unfused"])
-        emit("ab", context=T, batch=1, fused_ms=round(fu, 3), unfused_ms=round(un, 3),
-             compiled_only_ms=round(co, 3),
-             speedup=round(un / fu, 3),
-             fused_host_ms=round(statistics.median(h for _, h in res["fused"]), 3),
-             unfused_host_ms=round(statistics.median(h for _, h in res["unfused"]), 3),
-             rounds={k: [round(m, 3) for m, _ in v] for k, v in res.items()})
-        cache = None
-        gc.collect()
-
     if do("prefill"):
         for T in [int(x) for x in o.prefill_contexts.split(",") if x]:
             if over_budget():
@@ -956,11 +843,6 @@ def table(res):
             print(f"{r['context']:>8} {r['s']:>8.3f} {r['tok_s']:>9.1f} "
                   f"{r['kv_bytes'] / 2**20:>9.2f} {r.get('kv_formula_bytes', 0) / 2**20:>9.2f} "
                   f"{r['peak_bytes'] / 2**30:>9.2f}")
-    for r in res:
-        if r["bench"] == "ab":
-            print(f"A/B batch-1 decode at {r['context']}: fused {r['fused_ms']} ms/step, "
-                  f"mx.compile only {r['compiled_only_ms']} ms/step, "
-                  f"pre-fusion {r['unfused_ms']} ms/step (x{r['speedup']})")
     for r in res:
         if r["bench"] in ("error", "skipped"):
             print(f"{r['bench']}: {r}")
