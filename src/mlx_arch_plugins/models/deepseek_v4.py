@@ -623,6 +623,10 @@ class DeepseekV4Attention(nn.Module):
         memo = getattr(self, "_sink_memo", None)
         if memo is None or memo[0] != key or memo[1] is not self.attn_sink:
             cast = self.attn_sink.astype(dtype)
+            try:  # keep only evaluated data (any thread may use it later)
+                mx.eval(cast)
+            except Exception:  # e.g. inside a compiled trace: no memo
+                return cast
             object.__setattr__(self, "_sink_memo", (key, self.attn_sink, cast))
             memo = self._sink_memo
         return memo[2]
@@ -755,7 +759,7 @@ class DeepseekV4Attention(nn.Module):
         keys = mx.concatenate([st.window, kc.reshape(B, k, hd)], 1)[:, None]
         mask = None
         if plan.wmask is not None or plan.cmask is not None:
-            wm = plan.wmask4 if plan.wmask is not None else mx.ones((B, self.window), dtype=mx.bool_)
+            wm = plan.wmask2d if plan.wmask is not None else mx.ones((B, self.window), dtype=mx.bool_)
             cm = (
                 mx.take_along_axis(plan.cmask, top, axis=-1)
                 if plan.cmask is not None
@@ -867,8 +871,8 @@ def _packed_plan(T: tuple, W: int, m: int, cap: int) -> _Plan:
     # window row j holds position T-W+1+j; rows below position 0 are empty
     low = [W - 1 - t for t in T]
     wm = [[j >= lo for j in range(W)] for lo in low] if max(low) > 0 else None
-    p.wmask4 = None if wm is None else mx.array(wm)
-    p.wmask = None if wm is None else p.wmask4[:, None, None]
+    p.wmask2d = None if wm is None else mx.array(wm)
+    p.wmask = None if wm is None else mx.array([[[r]] for r in wm])  # [B, 1, 1, W]
     if not m:
         return p
     R = 2 * m if m == 4 else m
@@ -882,9 +886,9 @@ def _packed_plan(T: tuple, W: int, m: int, cap: int) -> _Plan:
     p.write = mx.array([kb if d else cap - 1 for kb, d in zip(blocks, done)], dtype=mx.int32)
     if p.pool and m == 4:
         p.order = mx.array(
-            [[p_ % R for p_ in range((kb - 1) * m, kb * m + m)] for kb in blocks],
+            [[[p_ % R] for p_ in range((kb - 1) * m, kb * m + m)] for kb in blocks],
             dtype=mx.int32,
-        )[..., None]
+        )  # [B, 2m, 1]
     p.n = [(t + 1) // m for t in T]
     p.N = N = max(p.n)
     cm = [[j < n for j in range(N)] for n in p.n] if min(p.n) < N else None
@@ -895,7 +899,7 @@ def _packed_plan(T: tuple, W: int, m: int, cap: int) -> _Plan:
     else:
         rows = [(w if wm else [True] * W) + (c if cm else [True] * N)
                 for w, c in zip(wm or [None] * B, cm or [None] * B)]
-        p.mask = mx.array(rows)[:, None, None]
+        p.mask = mx.array([[[r]] for r in rows])  # [B, 1, 1, W + N]
     return p
 
 
