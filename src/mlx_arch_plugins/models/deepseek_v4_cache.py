@@ -220,7 +220,11 @@ class BatchDeepseekV4Cache(_BaseCache):
 
     def decoding(self, L: int) -> bool:
         """Whether the next L inputs are one real token per sequence."""
-        return L == 1 and all(n == 1 for _, _, n in self.segments(L))
+        if L != 1:
+            return False
+        if self._lead is None and self._lengths is None:  # no padding in play
+            return True
+        return all(n == 1 for _, _, n in self.segments(L))
 
     def __len__(self):
         return len(self._packed.offsets) if self._packed is not None else len(self._caches)
