@@ -727,9 +727,8 @@ class DeepseekV4Attention(nn.Module):
     @staticmethod
     def _ring_step(comp: Compressor, kv, score, name, st, plan):
         m, d = comp.ratio, comp.dim
-        ring_kv, ring_sc = st.rings[name]
-        ring_kv[plan.rows, plan.slots] = kv[:, 0].astype(mx.float32)
-        ring_sc[plan.rows, plan.slots] = score[:, 0].astype(mx.float32) + comp.ape[plan.ape_pos]
+        ring_kv, ring_sc = _ring_write(*st.rings[name], plan.hot, kv, score,
+                                       comp.ape[plan.ape_pos])
         st.rings[name] = (ring_kv, ring_sc)
         if not plan.pool:
             return None
@@ -859,6 +858,14 @@ class _Plan:
     pass
 
 
+@mx.compile
+def _ring_write(ring_kv, ring_sc, hot, kv, score, ape):
+    # each sequence's new row into its slot (``hot``), in one elementwise pass
+    # instead of two scatters; scores carry the block-position embedding
+    score = score.astype(mx.float32) + ape[:, None]
+    return mx.where(hot, kv.astype(mx.float32), ring_kv), mx.where(hot, score, ring_sc)
+
+
 @functools.lru_cache(maxsize=16)
 def _packed_plan(T: tuple, W: int, m: int, cap: int) -> _Plan:
     """Index arrays of one packed decode step, shared by every layer of a
@@ -877,7 +884,7 @@ def _packed_plan(T: tuple, W: int, m: int, cap: int) -> _Plan:
         return p
     R = 2 * m if m == 4 else m
     p.rows = mx.array(list(range(B)), dtype=mx.int32)
-    p.slots = mx.array([t % R for t in T], dtype=mx.int32)
+    p.hot = mx.array([[[t % R == r] for r in range(R)] for t in T])  # [B, R, 1]
     p.ape_pos = mx.array([t % m for t in T], dtype=mx.int32)
     done = [(t + 1) % m == 0 for t in T]
     p.pool = any(done)
