@@ -9,6 +9,10 @@ Prints one JSON line per figure (prefix ``JSON ``):
   micro     time of one primitive at decode shapes, from R independent
             copies evaluated together (amortises the synchronisation)
   layer     a layer's decode step alone (pipelined, as perf.py times it)
+  ablate    (--ablate) the CSA layer's step with the indexer's queries,
+            scores and top-k replaced one after another by constants
+  batch_nodes  (--batch-nodes B) nodes per layer of a packed decode step of
+            B per-sequence caches vs one aligned batch-B cache
 
 The model is perf.py's in-memory random Flash-width model (3 layers, one per
 kind). Figures are for reading, not asserted anywhere.
@@ -97,6 +101,8 @@ def csa_parts(model, cache, T):
     qr = (mx.random.normal((1, 1, model.args.q_lora_rank)) * 0.1).astype(mx.bfloat16)
     mx.eval(x, qr)
     N = c.n_comp
+    if N <= ind.topk:  # the indexer does not select yet
+        return
     iq = ind.queries(ind.wq_b(qr), T)
     iw = ind.weights_proj(x)
     mx.eval(iq, iw)
@@ -133,6 +139,95 @@ def csa_parts(model, cache, T):
     micro(f"{tag} compress+append one block (cap {cap})", compress, lambda i: (start,), reps=8)
 
 
+def _layer_ms(layer, h, c, ids, steps, runs):
+    for _ in range(2):
+        mx.eval(layer(h, c, ids))
+    per = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        prev = None
+        for _ in range(steps):
+            o = layer(h, c, ids)
+            mx.async_eval(o)
+            if prev is not None:
+                mx.eval(prev)
+            prev = o
+        mx.eval(prev)
+        per.append((time.perf_counter() - t0) * 1e3 / steps)
+    return statistics.median(per)
+
+
+def csa_ablate(model, cache, T, steps, runs):
+    """The CSA layer's pipelined decode step with the indexer's pieces
+    replaced, cumulatively, by precomputed constants: what each piece costs
+    inside the real step (differences between rows). Only meaningful once
+    the indexer selects (T/4 > top-k)."""
+    dsv4, _, _ = perf._dsv4()
+    idx = [i for i, l in enumerate(model.model.layers) if l.attn.ratio == 4]
+    if not idx:
+        return
+    layer, c = model.model.layers[idx[0]], cache[idx[0]]
+    ind = layer.attn.indexer
+    h = (mx.random.normal((1, 1, model.args.hc_mult, model.args.hidden_size)) * 0.1)
+    h = h.astype(mx.bfloat16)
+    ids = mx.zeros((1, 1), dtype=mx.int32)
+    mx.eval(h)
+    N = c.n_comp
+    if N <= ind.topk:
+        return
+    iq = mx.random.normal((1, 1, ind.n_heads, ind.head_dim)).astype(mx.bfloat16)
+    score = mx.random.normal((1, 1, N + 64))
+    top = mx.random.randint(0, N, (1, N + 64)).astype(mx.uint32)
+    mx.eval(iq, score, top)
+    orig = (dsv4.Indexer.queries, dsv4.Indexer.scores, mx.argpartition)
+
+    def argp(a, kth, axis=-1):
+        if a.shape[-1] >= N:  # the indexer's selection, not the router's
+            return top[..., : a.shape[-1]]
+        return orig[2](a, kth=kth, axis=axis)
+
+    steps_ = [("as is", None),
+              ("index queries constant", lambda: setattr(dsv4.Indexer, "queries",
+                                                         lambda self, q, o: iq)),
+              ("+ index scores constant", lambda: setattr(
+                  dsv4.Indexer, "scores",
+                  lambda self, q, w, k: score[:, None, : k.shape[1]])),
+              ("+ top-k constant", lambda: setattr(mx, "argpartition", argp))]
+    try:
+        for name, patch in steps_:
+            if patch:
+                patch()
+            c2 = c.copy()
+            ms = _layer_ms(layer, h, c2, ids, steps, runs)
+            emit("ablate", context=T, N=N, variant=name, ms=round(ms, 4))
+    finally:
+        dsv4.Indexer.queries, dsv4.Indexer.scores, mx.argpartition = orig
+
+
+def batch_nodes(model, args, T, B):
+    """Kernel nodes per layer of a packed decode step (per-sequence caches,
+    mlx-lm's batch generator form) next to the same batch as one aligned
+    cache."""
+    singles = [perf.fill_fast(model, 1, T, 256, args.vocab_size, 8) for _ in range(B)]
+    packed = perf.batch_cache(singles)
+    aligned = perf.fill_fast(model, B, T, 256, args.vocab_size, 8)
+    h = (mx.random.normal((B, 1, args.hc_mult, args.hidden_size)) * 0.1).astype(mx.bfloat16)
+    ids = mx.zeros((B, 1), dtype=mx.int32)
+    mx.eval(h)
+    for form, cache in (("packed", packed), ("aligned", aligned)):
+        for i, layer in enumerate(model.model.layers):
+            mx.eval(layer(h, cache[i], ids))
+            outs = [layer(h, cache[i], ids)]
+            st = getattr(cache[i], "_packed", None)
+            if st is not None:
+                outs += [a for a in (st.window, st.comp, st.index) if a is not None]
+                outs += [a for pair in st.rings.values() for a in pair]
+            n, by = kernel_nodes(outs)
+            emit("batch_nodes", form=form, context=T, batch=B, layer=i,
+                 ratio=layer.attn.ratio, kernels=n, by=by)
+            mx.eval(outs)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--format", default="official")
@@ -142,6 +237,10 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--no-micro", action="store_true")
     p.add_argument("--layers-only", action="store_true", help="skip node counts")
+    p.add_argument("--ablate", action="store_true",
+                   help="CSA step with indexer pieces replaced by constants")
+    p.add_argument("--batch-nodes", type=int, default=0,
+                   help="node counts of a packed vs aligned decode step at this batch")
     opts = p.parse_args(argv)
     dsv4, _, _ = perf._dsv4()
     emit("env", device=str(mx.default_device()), mlx=mx.__version__)
@@ -195,6 +294,10 @@ def main(argv=None):
             mx.eval(layer(h, cache[i], ids))
             n, by = kernel_nodes([layer(h, cache[i], ids)])
             emit("nodes", context=T, layer=i, ratio=layer.attn.ratio, kernels=n, by=by)
+        if opts.ablate:
+            csa_ablate(model, cache, T, opts.steps, opts.runs)
+        if opts.batch_nodes:
+            batch_nodes(model, args, T, opts.batch_nodes)
         csa_parts(model, cache, T)
         times = perf.layer_times(model, args, cache, 1, opts.steps, opts.runs)
         for i, (r, ms) in enumerate(times):

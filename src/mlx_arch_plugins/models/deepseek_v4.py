@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -180,38 +181,75 @@ def _exponent(x: mx.array) -> mx.array:
     return ((bits >> 23) & 0xFF).astype(mx.int32) - 127
 
 
-def _pow2_scale(amax: mx.array, qmax: float) -> mx.array:
-    """Smallest power of two >= amax * fp32(1/qmax)."""
-    s = amax * mx.array(1.0 / qmax, dtype=mx.float32)
+def _pow2_scale(amax: mx.array, recip: mx.array) -> mx.array:
+    """Smallest power of two >= amax * recip (recip = fp32(1/qmax))."""
+    s = amax * recip
     bits = s.view(mx.uint32)
     e = _exponent(s) + ((bits & 0x7FFFFF) != 0).astype(mx.int32)
     return mx.power(mx.array(2.0, dtype=mx.float32), e.astype(mx.float32))
 
 
-def _round_to_grid(q: mx.array, mant_bits: int, min_exp: int) -> mx.array:
-    """Round to a float grid with ``mant_bits`` mantissa bits, ties to even."""
-    e = mx.maximum(_exponent(mx.abs(q) + 0.0), min_exp)
-    step = mx.power(mx.array(2.0, dtype=mx.float32), (e - mant_bits).astype(mx.float32))
+def _round_to_e2m1(q: mx.array) -> mx.array:
+    """Round |q| <= 6 to the e2m1 grid (0, 0.5, 1, 1.5, 2, 3, 4, 6), ties to
+    even: the grid step is 0.5 below 2, 1 below 4, then 2. (Selects, not an
+    exponent: MLX 0.31's compiled CPU kernels got the exponent form wrong.)"""
+    a = mx.abs(q)
+    step = mx.where(a >= 4, 2.0, mx.where(a >= 2, 1.0, 0.5))
     return mx.round(q / step) * step
 
 
-@mx.compile  # ~20 elementwise ops: one fused kernel per side of the max
+# fp32(1/qmax) as data: MLX 0.31's compiled CPU kernels print constants with
+# too few digits (6 * (1/6) came out above 1, doubling some scales)
+_RECIP = {fmt: mx.array(1.0 / q, dtype=mx.float32) for fmt, q in (("fp8", 448.0), ("fp4", 6.0))}
+
+
+def _qat_round(x, block, fmt, recip, rounded=None):
+    dtype = x.dtype
+    shape = x.shape
+    xb = x.reshape(*shape[:-1], shape[-1] // block, block)
+    # |x| and its max are exact in the input dtype: no float32 copy of x
+    amax = mx.max(mx.abs(xb), axis=-1, keepdims=True).astype(mx.float32)
+    if fmt == "fp8":
+        qmax, floor = 448.0, 1e-4
+    else:
+        qmax, floor = 6.0, 6 * 2.0**-126
+    scale = _pow2_scale(mx.maximum(amax, floor), recip)
+    q = mx.clip(xb.astype(mx.float32) / scale, -qmax, qmax)
+    if fmt == "fp8":
+        # MLX's e4m3 conversion rounds to nearest even with the same
+        # subnormals (tests/test_dsv4_qat.py checks it bit for bit)
+        q = mx.from_fp8(mx.to_fp8(q), mx.float32)
+    else:
+        q = _round_to_e2m1(q)
+    y = (q * scale).astype(dtype)
+    if rounded is not None:  # channels outside the mask pass through
+        y = mx.where(rounded, y, xb)
+    return y.reshape(shape)
+
+
+_qat_round_c = mx.compile(_qat_round)
+
+
 def qat_round(x: mx.array, block: int, fmt: str) -> mx.array:
     """Round ``x`` through FP8 e4m3 (``fmt='fp8'``) or FP4 e2m1 (``'fp4'``) in
     blocks of ``block`` along the last axis with power-of-two scales."""
-    dtype = x.dtype
-    shape = x.shape
-    xb = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // block, block)
-    amax = mx.max(mx.abs(xb), axis=-1, keepdims=True)
-    if fmt == "fp8":
-        qmax, floor, mant, min_exp = 448.0, 1e-4, 3, -6
-    else:
-        qmax, floor, mant, min_exp = 6.0, 6 * 2.0**-126, 1, 0
-    scale = _pow2_scale(mx.maximum(amax, floor), qmax)
-    q = mx.clip(xb / scale, -qmax, qmax)
-    # Zero has no exponent; any grid rounds it to zero.
-    q = mx.where(q == 0, 0.0, _round_to_grid(mx.where(q == 0, 1.0, q), mant, min_exp))
-    return (q * scale).reshape(shape).astype(dtype)
+    return _qat_round_c(x, block, fmt, _RECIP[fmt])
+
+
+_HEAD_MASKS: Dict[Any, mx.array] = {}
+
+
+def qat_round_head(x: mx.array, block: int, fmt: str, keep: int) -> mx.array:
+    """``qat_round`` of all but the last ``keep`` channels (a multiple of
+    ``block``), which are returned as they are: no slice and concatenate."""
+    d = x.shape[-1]
+    key = (d, block, keep)
+    if key not in _HEAD_MASKS:  # plain data: usable from any thread
+        cut = d - keep
+        _HEAD_MASKS[key] = mx.array(
+            [[i * block + j < cut for j in range(block)] for i in range(d // block)]
+        )
+    return _qat_round_c(x, block, fmt, _RECIP[fmt], _HEAD_MASKS[key])
 
 
 _HADAMARD: Dict[Any, mx.array] = {}
@@ -557,26 +595,42 @@ class DeepseekV4Attention(nn.Module):
         nope = self.head_dim - self.rope_dims
         if nope == 0:
             return kv
+        if self.rope_dims % 64 == 0:
+            return qat_round_head(kv, 64, "fp8", self.rope_dims)
         return mx.concatenate(
             [qat_round(kv[..., :nope], 64, "fp8"), kv[..., nope:]], axis=-1
         )
 
     def __call__(self, x, cache=None):
+        q, kv, proj = self.project(x, self.index_flag(cache, x.shape[1]))
+        return self.output(self.attend(q, kv, proj, cache))
+
+    # The call is cut in three so that a decode step can compile the parts
+    # that do not touch the cache (see DeepseekV4Block).
+    def index_flag(self, cache, L: int) -> bool:
+        """Whether the indexer selects after these L tokens (CSA only)."""
+        if self.ratio != 4:
+            return False
+        last = (cache.size() if cache is not None else 0) + L
+        return last // self.ratio > self.indexer.topk
+
+    def project(self, x, index: bool):
+        """Queries, KV rows and compressor/indexer projections of ``x``."""
         B, L, _ = x.shape
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
         q = mx.fast.rms_norm(q, None, self.eps)
         kv = self.kv_norm(self.wkv(x))
         # compressor/indexer projections for all rows at once (weights read once)
-        proj = {}
-        if self.ratio:
-            last = (cache.size() if cache is not None else 0) + L
-            proj = self._project(x, qr, index=last // self.ratio > self.indexer.topk
-                                 if self.ratio == 4 else False)
+        proj = self._project(x, qr, index) if self.ratio else {}
+        return q, kv, proj
 
+    def attend(self, q, kv, proj, cache=None):
+        """Attention output [B, L, H, hd] of the projected rows; updates the cache."""
+        L = q.shape[1]
         if isinstance(cache, BatchDeepseekV4Cache) and cache.decoding(L):
-            o = self._decode_packed(q, kv, proj, cache)
-        elif isinstance(cache, BatchDeepseekV4Cache):
+            return self._decode_packed(q, kv, proj, cache)
+        if isinstance(cache, BatchDeepseekV4Cache):
             outs = []
             for b, lo, n in cache.segments(L):
                 if n == 0:
@@ -591,13 +645,14 @@ class DeepseekV4Attention(nn.Module):
                 if L - lo - n:
                     parts.append(mx.zeros((1, L - lo - n) + o.shape[2:], o.dtype))
                 outs.append(mx.concatenate(parts, 1) if len(parts) > 1 else o)
-            o = mx.concatenate(outs, 0)
-        else:
-            if cache is None:
-                cache = DeepseekV4Cache(self.window, self.ratio)
-            o = self._attend(q, kv, proj, cache)
+            return mx.concatenate(outs, 0)
+        if cache is None:
+            cache = DeepseekV4Cache(self.window, self.ratio)
+        return self._attend(q, kv, proj, cache)
 
-        # grouped low-rank output projection: heads are cut into o_groups
+    def output(self, o):
+        """Grouped low-rank output projection: heads are cut into o_groups."""
+        B, L = o.shape[:2]
         G = self.o_groups
         o = o.reshape(B, L, G, -1).transpose(0, 2, 1, 3)
         o = self.wo_a(o).transpose(0, 2, 1, 3).reshape(B, L, -1)
@@ -1000,6 +1055,34 @@ class _SwitchLinear(SwitchLinear):
         return y.astype(x.dtype)
 
 
+_LHS: Dict[Any, mx.array] = {}
+
+
+def _experts(layer, x, idx, sorted_indices):
+    """``layer(x, idx)``; quantized layers get their row indices from a cache
+    (plain data), where gather_qmm would build them with an arange and its
+    reshape/broadcast on every call."""
+    if (
+        sorted_indices
+        or "scales" not in layer
+        or "bias" in layer
+        or getattr(layer, "global_scale", None) is not None
+    ):
+        return layer(x, idx, sorted_indices=sorted_indices)
+    batch = x.shape[:-2]
+    if batch not in _LHS:
+        n = 1
+        for d in batch:
+            n *= d
+        _LHS[batch] = mx.array(list(range(n)), dtype=mx.uint32).reshape(batch)
+        mx.eval(_LHS[batch])
+    return mx.gather_qmm(
+        x, layer["weight"], layer["scales"], layer.get("biases"),
+        lhs_indices=_LHS[batch], rhs_indices=idx, transpose=True,
+        group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+    )
+
+
 class SwitchClippedGLU(nn.Module):
     """Routed experts: clipped SwiGLU, routing weight applied before
     ``down_proj`` as in the reference."""
@@ -1025,12 +1108,12 @@ class SwitchClippedGLU(nn.Module):
             idx = indices.flatten()[order]
             w = weights.flatten()[order][:, None, None]
         h = _weighted_swiglu(
-            self.gate_proj(x, idx, sorted_indices=do_sort),
-            self.up_proj(x, idx, sorted_indices=do_sort),
+            _experts(self.gate_proj, x, idx, do_sort),
+            _experts(self.up_proj, x, idx, do_sort),
             w,
             self.limit,
         )
-        y = self.down_proj(h, idx, sorted_indices=do_sort)
+        y = _experts(self.down_proj, h, idx, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, indices.shape)
         return y.squeeze(-2)
@@ -1091,6 +1174,15 @@ class DeepseekV4MoE(nn.Module):
 # ----------------------------------------------------------------------------
 
 
+# Key order of the compressor/indexer projections (compiled graphs return tuples).
+_PROJ_KEYS = ("ckv", "cgate", "ikv", "igate", "iq", "iw")
+
+
+def _compile_enabled() -> bool:
+    # MLX_ARCH_PLUGINS_COMPILE=0: plain eager decode (for debugging)
+    return os.environ.get("MLX_ARCH_PLUGINS_COMPILE", "1") != "0"
+
+
 class DeepseekV4Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -1102,12 +1194,43 @@ class DeepseekV4Block(nn.Module):
         self.ffn_hc = HyperConnection(args)
 
     def __call__(self, h, cache, input_ids):
+        if h.shape[:2] == (1, 1) and self._compiled_decode():
+            # single-sequence decode: everything but the cache work runs as
+            # two compiled graphs (a fraction of the Python graph building).
+            # Batches stay eager: a trace per batch size, and the two packed
+            # batch-8 A/B pairs on the H200 were not faster (RESULTS.md).
+            q, kv, proj, post, comb = self._front(h, self.attn.index_flag(cache, 1))
+            o = self.attn.attend(q, kv, dict(zip(_PROJ_KEYS, proj)), cache)
+            return self._back(o, h, post, comb, input_ids)
         x, post, comb = self.attn_hc.collapse(h)
         y = self.attn(self.attn_norm(x), cache)
         h = HyperConnection.expand(y, h, post, comb)
+        return self._ffn_half(h, input_ids)
+
+    def _ffn_half(self, h, input_ids):
         x, post, comb = self.ffn_hc.collapse(h)
         y = self.ffn(self.ffn_norm(x), input_ids)
         return HyperConnection.expand(y, h, post, comb)
+
+    def _front_impl(self, h, index):
+        x, post, comb = self.attn_hc.collapse(h)
+        q, kv, proj = self.attn.project(self.attn_norm(x), index)
+        return q, kv, tuple(proj.get(k) for k in _PROJ_KEYS if k in proj), post, comb
+
+    def _back_impl(self, o, h, post, comb, input_ids):
+        h = HyperConnection.expand(self.attn.output(o), h, post, comb)
+        return self._ffn_half(h, input_ids)
+
+    def _compiled_decode(self) -> bool:
+        if not _compile_enabled() or self.attn.sharding_group is not None \
+                or self.ffn.sharding_group is not None:
+            return False
+        if "_front" not in self.__dict__:
+            # the block's arrays are passed as implicit inputs, so weights
+            # loaded or replaced later are seen (they are not baked in)
+            object.__setattr__(self, "_front", mx.compile(self._front_impl, inputs=[self]))
+            object.__setattr__(self, "_back", mx.compile(self._back_impl, inputs=[self]))
+        return True
 
 
 class MTPBlock(DeepseekV4Block):
@@ -1162,7 +1285,22 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache=None, **kwargs):
-        return self.lm_head(self.model(inputs, cache))
+        h = self.model.hidden(inputs, cache)
+        if inputs.shape == (1, 1) and _compile_enabled():
+            return self._compiled_tail()(h)
+        return self._tail(h)
+
+    def _tail(self, h):
+        return self.lm_head(self.model.norm(self.model.hc_head(h)))
+
+    def _compiled_tail(self):
+        parts = [self.model.hc_head, self.model.norm, self.lm_head]
+        key = tuple(id(m) for m in parts)
+        memo = self.__dict__.get("_tail_memo")
+        if memo is None or memo[0] != key:  # built again if a part was replaced
+            memo = (key, mx.compile(self._tail, inputs=parts))
+            object.__setattr__(self, "_tail_memo", memo)
+        return memo[1]
 
     def mtp_logits(self, hidden, next_ids, cache=None, index: int = 0):
         """Logits of MTP block ``index`` on the main model's final state
