@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.pipeline import PipelineMixin
@@ -1070,12 +1071,8 @@ def _experts(layer, x, idx, sorted_indices):
     ):
         return layer(x, idx, sorted_indices=sorted_indices)
     batch = x.shape[:-2]
-    if batch not in _LHS:
-        n = 1
-        for d in batch:
-            n *= d
-        _LHS[batch] = mx.array(list(range(n)), dtype=mx.uint32).reshape(batch)
-        mx.eval(_LHS[batch])
+    if batch not in _LHS:  # plain data (no lazy op): fine inside compile, any thread
+        _LHS[batch] = mx.array(np.arange(math.prod(batch), dtype=np.uint32).reshape(batch))
     return mx.gather_qmm(
         x, layer["weight"], layer["scales"], layer.get("biases"),
         lhs_indices=_LHS[batch], rhs_indices=idx, transpose=True,
