@@ -20,10 +20,10 @@ from setuptools.build_meta import *  # noqa: F401,F403  (the hooks we do not cha
 
 # Guarded so that a half-removed installation never prints a traceback at start-up.
 PTH = (
-    'import sys; exec("try:\\n import mlx_arch_plugins._hook as h; h._startup()\\n'
+    'import sys; exec("try:\\n import mlx_arch_plugins.host.hook as h; h._startup()\\n'
     'except Exception:\\n pass")\n'
 )
-START = "mlx_arch_plugins._hook:_startup\n"
+START = "mlx_arch_plugins.host.hook:_startup\n"
 STARTUP_FILES = {"mlx_arch_plugins.pth": PTH, "mlx_arch_plugins.start": START}
 
 

@@ -58,7 +58,7 @@ def checkpoint_bytes(d: Path) -> int:
 
 def build(dst: Path, layers: int, experts: int, seed: int) -> float:
     t = time.perf_counter()
-    cmd = [sys.executable, "-m", "mlx_arch_plugins.tiny", str(dst), "--format", "official",
+    cmd = [sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(dst), "--format", "official",
            "--preset", "flash", "--layers", str(layers), "--experts", str(experts), "--seed", str(seed)]
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t

@@ -1,7 +1,7 @@
 """Memory per host for DeepSeek-V4 sharded over N Macs, from a config.json.
 
 Counts every tensor of the model (the same shapes as
-mlx_arch_plugins.models.deepseek_v4) and prices it per format:
+mlx_arch_plugins.deepseek_v4.model) and prices it per format:
 
 * ``official``: DeepSeek's FP8/FP4 checkpoint as the plugin loads it: dense
   FP8 linears become mxfp8 (8 bits + one 8-bit scale per 32 = 8.25 bits),

@@ -146,7 +146,7 @@ def _dsv4():
     if SRC not in sys.path:
         sys.path.insert(0, SRC)
     full = _mlx_lm_models_only()
-    from mlx_arch_plugins.models import deepseek_v4, deepseek_v4_cache
+    from mlx_arch_plugins.deepseek_v4 import model as deepseek_v4, cache as deepseek_v4_cache
 
     return deepseek_v4, deepseek_v4_cache, full
 

@@ -35,7 +35,7 @@ def free_port():
 
 
 def build_tiny(root: Path) -> Path:
-    from mlx_arch_plugins import tiny
+    from mlx_arch_plugins.deepseek_v4 import tiny
 
     return tiny.make_tiny(root / "dsv4-tiny", fmt="official", seed=0)
 

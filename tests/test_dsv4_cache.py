@@ -162,7 +162,7 @@ def test_trim_is_refused(model, tokens):
 def test_nbytes_is_window_plus_compressed():
     """KV memory at 4096 tokens: window + one entry per ratio tokens (+ the
     compressor's partial block), never the raw history."""
-    from mlx_arch_plugins.models.deepseek_v4 import Model, ModelArgs
+    from mlx_arch_plugins.deepseek_v4.model import Model, ModelArgs
 
     args = ModelArgs.from_dict(
         dict(
@@ -232,7 +232,7 @@ def test_generate_greedy_is_stable():
 def test_sparse_attention_blocks_do_not_change_results(model, tokens, full_logits, monkeypatch):
     """CSA prefill processes queries in blocks; one query per block must give
     the same logits as the default blocking."""
-    from mlx_arch_plugins.models.deepseek_v4 import DeepseekV4Attention
+    from mlx_arch_plugins.deepseek_v4.model import DeepseekV4Attention
 
     monkeypatch.setattr(DeepseekV4Attention, "_BLOCK_ELEMS", 1)
     got = np.array(model(mx.array([tokens]))[0])
@@ -252,7 +252,7 @@ def test_kv_bits_leaves_caches_alone(model, tokens):
 
 def test_batch_cache_state_round_trip(model, tokens):
     """A batch cache rebuilt from its state continues every sequence."""
-    from mlx_arch_plugins.models.deepseek_v4_cache import BatchDeepseekV4Cache
+    from mlx_arch_plugins.deepseek_v4.cache import BatchDeepseekV4Cache
 
     per_seq = []
     for n in (9, 21):

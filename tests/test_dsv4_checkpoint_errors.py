@@ -113,7 +113,7 @@ def test_unsupported_configs_are_refused(tmp_path, change, words):
 def test_pipelined_host_may_lack_whole_blocks(tmp_path, monkeypatch):
     """Under a multi-host launch a block with no tensor at all belongs to
     another host; a partly present block is still an error."""
-    from mlx_arch_plugins.formats import deepseek_v4_checkpoint as ck
+    from mlx_arch_plugins.deepseek_v4 import checkpoint as ck
 
     def drop_layer(w):
         for k in [k for k in w if k.startswith("layers.1.")]:

@@ -15,7 +15,7 @@ import pytest
 from dsv4_golden import inputs, load_case
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_arch_plugins.models import deepseek_v4 as dsv4
+from mlx_arch_plugins.deepseek_v4 import model as dsv4
 
 pytestmark = pytest.mark.compat
 

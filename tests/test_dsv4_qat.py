@@ -17,7 +17,7 @@ try:
     import pytest
 except ImportError:  # the device machine may lack pytest; see __main__
     pytest = None
-from mlx_arch_plugins.models import deepseek_v4 as dsv4
+from mlx_arch_plugins.deepseek_v4 import model as dsv4
 
 if pytest:
     pytestmark = pytest.mark.compat  # also on the older mlx / mlx-lm pair

@@ -342,14 +342,14 @@ def test_refuses_quantized_split_inside_a_scale_group():
     )
     with pytest.raises(ValueError, match=r"down_proj \(affine, group size 64\).*32 per rank"):
         model.shard(_Group(4))
-    from mlx_arch_plugins.models.deepseek_v4_shard import check_shardable
+    from mlx_arch_plugins.deepseek_v4.shard import check_shardable
 
     check_shardable(model, 2)  # the same model splits over 2
 
 
 @pytest.mark.compat
 def test_uneven_pipeline_split_covers_every_layer():
-    from mlx_arch_plugins.models.deepseek_v4_shard import even_split
+    from mlx_arch_plugins.deepseek_v4.shard import even_split
 
     for n_layers, size in [(61, 2), (61, 4), (43, 8), (3, 2), (4, 4)]:
         split = even_split(n_layers, size)

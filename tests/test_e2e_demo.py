@@ -43,7 +43,7 @@ def test_demo_builds_once_and_runs_stock_generate(tmp_path, monkeypatch):
 
     # A second run finds the cached folder (checked in-process: the command
     # itself is what ran above).
-    from mlx_arch_plugins import demo
+    from mlx_arch_plugins.host import demo
 
     out = io.StringIO()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -53,7 +53,7 @@ def test_demo_builds_once_and_runs_stock_generate(tmp_path, monkeypatch):
 
 
 def test_demo_rebuild_and_bad_option(tmp_path, monkeypatch):
-    from mlx_arch_plugins import demo
+    from mlx_arch_plugins.host import demo
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     folder = demo.ensure_checkpoint(out=io.StringIO())

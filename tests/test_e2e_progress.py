@@ -39,7 +39,7 @@ def test_progress_wrapper_loads_the_same_arrays_and_is_quiet_when_fast(sharded, 
     import mlx_lm.utils as mu
     from mlx.utils import tree_flatten
 
-    from mlx_arch_plugins import progress
+    from mlx_arch_plugins.host.patches import progress
 
     assert hasattr(mu.load_model, "__mlx_arch_plugins_progress__"), "the post-import step did not run"
     monkeypatch.setenv("MLX_ARCH_PLUGINS_PROGRESS_AFTER", "60")
@@ -81,6 +81,6 @@ def test_reporter_rate_limit_and_threshold():
 
 
 def progress_reporter(stream, after):
-    from mlx_arch_plugins.progress import Reporter
+    from mlx_arch_plugins.host.patches.progress import Reporter
 
     return Reporter("header", after, stream=stream)

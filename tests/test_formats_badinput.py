@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_arch_plugins import tiny
-from mlx_arch_plugins.formats.safetensors_shim import SafetensorsError
+from mlx_arch_plugins.deepseek_v4 import tiny
+from mlx_arch_plugins.host.patches.safetensors_shim import SafetensorsError
 
 CFG_FILE = Path(__file__).parent / "data" / "formats" / "golden_a_fp8_config.json"
 

@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_arch_plugins import tiny
+from mlx_arch_plugins.deepseek_v4 import tiny
 
 CFG_FILE = Path(__file__).parent / "data" / "formats" / "golden_a_fp8_config.json"
 PROMPT = [0, 17, 42, 99, 3, 250, 7, 128, 64, 5]

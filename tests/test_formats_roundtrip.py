@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_arch_plugins import tiny
+from mlx_arch_plugins.deepseek_v4 import tiny
 
 CFG_FILE = Path(__file__).parent / "data" / "formats" / "golden_a_fp8_config.json"
 PROMPT = np.random.default_rng(0).integers(2, 256, size=40).tolist()

@@ -14,8 +14,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_arch_plugins.formats import safetensors_shim as shim
-from mlx_arch_plugins.formats.safetensors_shim import SafetensorsError
+from mlx_arch_plugins.host.patches import safetensors_shim as shim
+from mlx_arch_plugins.host.patches.safetensors_shim import SafetensorsError
 
 # mlx 0.31 rejects F8_E8M0 outright, so the shim matters most there
 pytestmark = pytest.mark.compat
@@ -312,7 +312,7 @@ def test_missing_tensor_name(tmp_path):
 _RSS_PROBE = r"""
 import resource, sys, json
 import mlx.core as mx
-from mlx_arch_plugins.formats import safetensors_shim as shim
+from mlx_arch_plugins.host.patches import safetensors_shim as shim
 path, mode = sys.argv[1], sys.argv[2]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if mode == "one":

@@ -158,7 +158,7 @@ def test_load_model_builds_the_toy(ckpt):
 def test_disabled_fails_as_stock_does(ckpt):
     code = (
         "import json, sys\nfrom pathlib import Path\nfrom mlx_lm.utils import load_model\n"
-        "from mlx_arch_plugins import _hook\n"
+        "from mlx_arch_plugins.host import hook as _hook\n"
         "try:\n    load_model(Path(sys.argv[1]))\n"
         "except ValueError as e:\n"
         "    c = e.__cause__ or e.__context__\n"
@@ -201,7 +201,7 @@ def test_stock_name_is_never_replaced():
 
 def test_metadata_is_read_only_on_a_miss():
     out = run_json(
-        "import json\nfrom mlx_arch_plugins import _hook\n"
+        "import json\nfrom mlx_arch_plugins.host import hook as _hook\n"
         "import mlx_lm.utils, mlx_lm.models.llama\nbefore = _hook._entries is None\n"
         "import mlx_lm.models.toy_mlp\nprint(json.dumps([before, _hook._entries is None]))"
     )
@@ -211,7 +211,7 @@ def test_metadata_is_read_only_on_a_miss():
 def test_startup_imports_nothing_heavy():
     proc = run("pass", flags=["-X", "importtime"])
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
-    assert "mlx_arch_plugins._hook" in imported  # the hook did run at start-up
+    assert "mlx_arch_plugins.host.hook" in imported  # the hook did run at start-up
     for heavy in ("importlib.metadata", "mlx", "mlx_lm", "mlx_arch_toy", "warnings"):
         assert heavy not in imported
 
@@ -220,7 +220,7 @@ def test_start_file_names_the_startup_callable():
     # What Python >= 3.15 (PEP 829) does with the .start file: resolve and call each line.
     import pkgutil
 
-    from mlx_arch_plugins import _hook
+    from mlx_arch_plugins.host import hook as _hook
 
     files = {f.name: f for f in metadata.distribution("mlx-arch-plugins").files}
     lines = files["mlx_arch_plugins.start"].read_text().split()
@@ -229,7 +229,7 @@ def test_start_file_names_the_startup_callable():
     out = run_json(
         "import json, sys\nfor line in open(sys.argv[1]):\n"
         "    if line.startswith('import'):\n        exec(line)\n"
-        "from mlx_arch_plugins import _hook\nprint(json.dumps(_hook.status()['reason']))",
+        "from mlx_arch_plugins.host import hook as _hook\nprint(json.dumps(_hook.status()['reason']))",
         flags=["-S"],
         env={"PYTHONPATH": PURELIB},
         args=[str(files["mlx_arch_plugins.pth"].locate())],
@@ -239,7 +239,7 @@ def test_start_file_names_the_startup_callable():
 
 def test_startup_never_raises():
     out = run_json(
-        "import json\nfrom mlx_arch_plugins import _hook\n"
+        "import json\nfrom mlx_arch_plugins.host import hook as _hook\n"
         "def boom(**kw):\n    raise RuntimeError('x')\n"
         "_hook.install = boom\n_hook._startup()\nprint(json.dumps('survived'))"
     )
@@ -343,7 +343,7 @@ def test_generate_cli_runs_the_toy(ckpt):
 @pytest.mark.compat
 def test_python_S_needs_and_gets_explicit_install():
     code = (
-        "import json, sys, importlib\nimport mlx_arch_plugins as p\nfrom mlx_arch_plugins import _hook\n"
+        "import json, sys, importlib\nimport mlx_arch_plugins as p\nfrom mlx_arch_plugins.host import hook as _hook\n"
         "def ok():\n"
         "    try:\n        importlib.import_module('mlx_lm.models.toy_mlp'); return True\n"
         "    except ImportError:\n        return False\n"
@@ -364,14 +364,14 @@ def test_python_S_needs_and_gets_explicit_install():
 FAKE_PATCHES = (
     "import json, sys, types, warnings\n"
     "calls = []\n"
-    "fake = types.ModuleType('mlx_arch_plugins._patches')\n"
+    "fake = types.ModuleType('mlx_arch_plugins.host.patches')\n"
     "def on_import(name, module):\n"
     "    calls.append([name, module.__name__, len(vars(module))])\n"
     "    if name == 'mlx_lm.generate' and '--fail' in sys.argv:\n"
     "        raise RuntimeError('patch exploded')\n"
     "fake.on_import = on_import\n"
     "fake.undo_all = lambda: calls.append(['undo_all'])\n"
-    "sys.modules['mlx_arch_plugins._patches'] = fake\n"
+    "sys.modules['mlx_arch_plugins.host.patches'] = fake\n"
 )
 
 
@@ -379,7 +379,7 @@ FAKE_PATCHES = (
 def test_post_import_callbacks_run_once_after_each_module():
     out = run_json(
         FAKE_PATCHES + "import mlx_lm.generate, mlx_lm.convert, mlx_lm.sample_utils\n"
-        "import mlx_lm.utils\nfrom mlx_arch_plugins import _hook\n_hook.install()\n"
+        "import mlx_lm.utils\nfrom mlx_arch_plugins.host import hook as _hook\n_hook.install()\n"
         "loader = type(mlx_lm.utils.__loader__).__name__\n"
         "spec_loader = type(mlx_lm.utils.__spec__.loader).__name__\n"
         "sizes = {n: len(vars(sys.modules[n])) for n in _hook.PATCHED if n in sys.modules}\n"
@@ -401,7 +401,7 @@ def test_post_import_callbacks_run_once_after_each_module():
 def test_install_calls_back_for_modules_imported_before_it():
     calls, before = run_json(
         FAKE_PATCHES + "import mlx_lm.utils\nassert calls == []\n"
-        "import mlx_arch_plugins\nfrom mlx_arch_plugins._hook import PATCHED\n"
+        "import mlx_arch_plugins\nfrom mlx_arch_plugins.host.hook import PATCHED\n"
         "before = [n for n in PATCHED if n in sys.modules]\n"
         "mlx_arch_plugins.install(); mlx_arch_plugins.install()\n"
         "print(json.dumps([[c[0] for c in calls], before]))",
@@ -481,7 +481,7 @@ def test_doctor_json_reports_host_versions_and_entries():
     assert entry(report, "mlx_arch_plugins.tool_parsers", "toy_tools")[0]["status"] == "ok"
     own = entry(report, models, "deepseek_v4")[0]
     assert (own["distribution"], own["module"]) == (
-        "mlx-arch-plugins", "mlx_arch_plugins.models.deepseek_v4")
+        "mlx-arch-plugins", "mlx_arch_plugins.deepseek_v4.model")
     assert report["ok"] is False  # the broken toy is installed
 
 
@@ -497,7 +497,7 @@ def test_doctor_json_explains_disabled_and_allowlist():
 
 
 def test_doctor_text_and_help():
-    proc = run("from mlx_arch_plugins.cli import main; raise SystemExit(main(['doctor']))")
+    proc = run("from mlx_arch_plugins.host.cli import main; raise SystemExit(main(['doctor']))")
     assert "hook: ACTIVE" in proc.stdout
     assert "toy plugin fails on purpose" in proc.stdout
     proc = run("", flags=["-m", "mlx_arch_plugins", "--help"])
@@ -506,7 +506,7 @@ def test_doctor_text_and_help():
 
 
 def test_cli_delegates_and_reports_missing_modules(monkeypatch, capsys, tmp_path):
-    from mlx_arch_plugins import cli
+    from mlx_arch_plugins.host import cli
 
     (tmp_path / "fake_cmd.py").write_text(
         "seen = []\ndef main(argv):\n    seen.append(argv)\n    return 7\n"

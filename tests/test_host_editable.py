@@ -32,7 +32,7 @@ CHECK = """
 import json, sys, sysconfig
 from pathlib import Path
 import mlx_arch_plugins
-from mlx_arch_plugins import _hook
+from mlx_arch_plugins.host import hook as _hook
 import mlx_lm.chat_templates.toy_chat as served, mlx_arch_toy.chat_template as real
 site = Path(sysconfig.get_paths()["purelib"])
 print(json.dumps({

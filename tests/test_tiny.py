@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_arch_plugins import tiny
+from mlx_arch_plugins.deepseek_v4 import tiny
 
 DATA = Path(__file__).parent / "data" / "formats"
 GOLDEN_CFG = json.loads((DATA / "golden_a_fp8_config.json").read_text())
@@ -58,7 +58,7 @@ def bf16(a):
 
 def make(tmp_path, name, *args):
     out = tmp_path / name
-    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.tiny", str(out), *args],
+    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(out), *args],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return out
@@ -225,11 +225,11 @@ def test_refuses_non_empty_dir_and_leaves_no_temp(tmp_path, golden_cfg_file):
     out = tmp_path / "x"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.tiny", str(out), "--config", str(golden_cfg_file)],
+    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(out), "--config", str(golden_cfg_file)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "exists and is not empty" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.tiny", str(tmp_path / "y"), "--preset", "flash",
+    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(tmp_path / "y"), "--preset", "flash",
                         "--layers", "1", "--experts", "2"], capture_output=True, text=True)
     assert r.returncode == 2 and "num_experts_per_tok 6 > n_routed_experts 2" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # nothing half-written

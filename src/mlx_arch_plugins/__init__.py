@@ -6,6 +6,6 @@ interpreter of the environment.
 
 __version__ = "0.1.0"
 
-from ._hook import PluginImportError, install, uninstall
+from .host.hook import PluginImportError, install, uninstall
 
 __all__ = ["PluginImportError", "install", "uninstall", "__version__"]

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 DEFAULT_PROMPT = "Write a haiku about the sea."
 DEFAULT_MAX_TOKENS = 24
@@ -39,7 +39,7 @@ def demo_dir() -> Path:
 
 
 def _tokenizer_kind() -> str:
-    from . import tiny
+    from ..deepseek_v4 import tiny
 
     return "deepseek-v4" if tiny._real_tokenizer_dir() is not None else "small-bpe"
 
@@ -54,7 +54,7 @@ def _is_complete(path: Path, tokenizer: str) -> bool:
 
 def ensure_checkpoint(rebuild: bool = False, out=sys.stdout) -> Path:
     """The demo checkpoint folder, built if missing, stale or ``rebuild``."""
-    from . import tiny
+    from ..deepseek_v4 import tiny
 
     path = demo_dir()
     kind = _tokenizer_kind()

@@ -202,7 +202,7 @@ class PostImportFinder:
 def _notify(name, module):
     _notified.add(name)
     try:
-        from mlx_arch_plugins import _patches
+        from mlx_arch_plugins.host import patches as _patches
 
         _patches.on_import(name, module)
     except Exception as e:
@@ -260,7 +260,7 @@ def uninstall():
         if module is not None and getattr(parent, child, None) is module:
             delattr(parent, child)
     _aliases.clear()
-    undo = getattr(sys.modules.get("mlx_arch_plugins._patches"), "undo_all", None)
+    undo = getattr(sys.modules.get("mlx_arch_plugins.host.patches"), "undo_all", None)
     if callable(undo):
         try:
             undo()

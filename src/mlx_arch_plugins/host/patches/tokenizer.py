@@ -85,7 +85,7 @@ def _bind_release(wrapper, model_path) -> None:
 
     Call-time keywords still override it (``chat_template_kwargs`` etc.).
     """
-    from .chat_templates import deepseek_v4
+    from ...deepseek_v4 import chat_template as deepseek_v4
 
     template = getattr(wrapper, "_chat_template", None)
     if template is not deepseek_v4.apply_chat_template:

@@ -23,7 +23,7 @@ _done = set()
 
 
 def _register_caches(cache_module):
-    from .models import deepseek_v4_cache as dsc
+    from ...deepseek_v4 import cache as dsc
 
     added = []
     for cls in (dsc.DeepseekV4Cache, dsc.BatchDeepseekV4Cache):
@@ -40,7 +40,7 @@ def _register_caches(cache_module):
 
 
 def _install_shim(_utils_module):
-    from .formats import safetensors_shim
+    from . import safetensors_shim
 
     if safetensors_shim.install():
         _undo.append(safetensors_shim.uninstall)
@@ -52,7 +52,7 @@ def _file_of(model_path, tensor):
     import json
     from pathlib import Path
 
-    from .formats.safetensors_shim import read_header
+    from .safetensors_shim import read_header
 
     index = Path(model_path) / "model.safetensors.index.json"
     try:
@@ -71,7 +71,7 @@ def _file_of(model_path, tensor):
 def _name_files_in_errors(utils_module):
     """``sanitize`` knows the tensor a problem is about, not its file:
     ``load_model`` adds the file to DeepSeek-V4 checkpoint errors."""
-    from .formats.deepseek_v4_checkpoint import CheckpointError
+    from ...deepseek_v4.checkpoint import CheckpointError
 
     original = utils_module.load_model
 
@@ -163,14 +163,14 @@ def _prepare_utils(utils_module):
 
 
 def _patch_tokenizer(module):
-    from . import _tokenizer_patch
+    from . import tokenizer as _tokenizer_patch
 
     _tokenizer_patch.apply(module)
     _undo.append(_tokenizer_patch.undo)
 
 
 def _patch_server(module):
-    from . import _server_patch
+    from . import server as _server_patch
 
     _server_patch.apply(module)
     _undo.append(_server_patch.undo)

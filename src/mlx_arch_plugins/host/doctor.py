@@ -6,7 +6,7 @@ import platform
 import sys
 from importlib import metadata
 
-from . import _hook
+from . import hook as _hook
 
 SCHEMA = 1
 STARTUP_FILES = ("mlx_arch_plugins.pth", "mlx_arch_plugins.start")

@@ -6,8 +6,8 @@ import sys
 
 # Sub-commands that live in their own modules: imported only when asked for.
 DELEGATED = {
-    "make-tiny": ("mlx_arch_plugins.tiny", "write a tiny random DeepSeek-V4 checkpoint"),
-    "demo": ("mlx_arch_plugins.demo", "run the end-to-end demo"),
+    "make-tiny": ("mlx_arch_plugins.deepseek_v4.tiny", "write a tiny random DeepSeek-V4 checkpoint"),
+    "demo": ("mlx_arch_plugins.host.demo", "run the end-to-end demo"),
 }
 
 

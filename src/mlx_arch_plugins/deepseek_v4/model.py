@@ -30,12 +30,12 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.pipeline import PipelineMixin
 from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
 
-from . import deepseek_v4_kernels as _kernels
-from .deepseek_v4_cache import BatchDeepseekV4Cache, DeepseekV4Cache
-from .deepseek_v4_shard import pipeline_hidden, pipeline_split, shard_model
+from . import kernels as _kernels
+from .cache import BatchDeepseekV4Cache, DeepseekV4Cache
+from .shard import pipeline_hidden, pipeline_split, shard_model
 
 try:  # the chat template module owns the tokenizer defaults
-    from ..chat_templates.deepseek_v4 import TOKENIZER_DEFAULTS  # noqa: F401
+    from .chat_template import TOKENIZER_DEFAULTS  # noqa: F401
 except Exception:  # pragma: no cover - keeps the model usable on its own
     pass
 
@@ -1339,6 +1339,6 @@ class Model(nn.Module):
         return predicate
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        from ..formats.deepseek_v4_checkpoint import sanitize_weights
+        from .checkpoint import sanitize_weights
 
         return sanitize_weights(self, weights)

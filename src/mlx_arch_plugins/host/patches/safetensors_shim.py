@@ -339,7 +339,7 @@ def install() -> bool:
     _original_load = mx.load
     _wrapped_load.__doc__ = (_original_load.__doc__ or "") + (
         "\n\n(wrapped by mlx_arch_plugins: safetensors dtypes this mlx rejects are read by "
-        "mlx_arch_plugins.formats.safetensors_shim)"
+        "mlx_arch_plugins.host.patches.safetensors_shim)"
     )
     mx.load = _wrapped_load
     return True
