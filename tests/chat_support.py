@@ -83,9 +83,10 @@ def ensure_plugin():
     mlx_arch_plugins.install()
     import mlx_lm.tokenizer_utils as tu
 
+    from mlx_arch_plugins.host.patches import patching
     from mlx_arch_plugins.host.patches import tokenizer as _tokenizer_patch
 
-    if not hasattr(tu.load, "_mlx_arch_plugins_original"):
+    if not patching.is_patched(tu, "load"):
         # Scaffolding until _patches.on_import wires the tokenizer patch.
         _tokenizer_patch.apply(tu)
     return tu

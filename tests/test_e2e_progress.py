@@ -1,4 +1,4 @@
-"""Progress lines while a DeepSeek-V4 checkpoint loads (src/mlx_arch_plugins/progress.py)."""
+"""Progress lines while a DeepSeek-V4 checkpoint loads (host/patches/progress.py)."""
 
 import io
 
@@ -39,9 +39,9 @@ def test_progress_wrapper_loads_the_same_arrays_and_is_quiet_when_fast(sharded, 
     import mlx_lm.utils as mu
     from mlx.utils import tree_flatten
 
-    from mlx_arch_plugins.host.patches import progress
+    from mlx_arch_plugins.host.patches import patching
 
-    assert hasattr(mu.load_model, "__mlx_arch_plugins_progress__"), "the post-import step did not run"
+    assert patching.is_patched(mu, "load_model"), "the post-import step did not run"
     monkeypatch.setenv("MLX_ARCH_PLUGINS_PROGRESS_AFTER", "60")
     model, _ = mu.load_model(sharded)
     assert "[mlx-arch-plugins]" not in capsys.readouterr().err  # fast load: silent

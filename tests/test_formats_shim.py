@@ -57,7 +57,7 @@ def native_supports(dtype):
 
     with tempfile.TemporaryDirectory() as d:
         p = write_st(os.path.join(d, "p.safetensors"), [("t", dtype, [2], b"\x01\x02")])
-        loader = shim._original_load if shim.is_installed() else mx.load
+        loader = shim.original_load()
         try:
             loader(p)
             return True
@@ -155,7 +155,7 @@ def test_native_dtypes_match_mlx(tmp_path):
         arrays["e8m0"] = ("F8_E8M0", bytes(range(100, 140)), (8, 5))
     p = write_st(tmp_path / "n.safetensors", [(k, dt, s, raw) for k, (dt, raw, s) in arrays.items()],
                  metadata={"format": "pt"})
-    native = (shim._original_load if shim.is_installed() else mx.load)(str(p), return_metadata=True)
+    native = (shim.original_load())(str(p), return_metadata=True)
     mine = shim.load_safetensors(p, return_metadata=True)
     assert mine[1] == native[1] == {"format": "pt"}
     assert set(mine[0]) == set(native[0])
@@ -375,10 +375,10 @@ def _fresh(code):
 def test_installed_when_mlx_lm_utils_imported():
     # stock load_model calls mx.load on every shard before it resolves the model
     # class, so the wrapper must be in place as soon as mlx_lm.utils exists
-    code = ("import mlx.core as mx\n"
-            "before = getattr(mx.load, '__mlx_arch_plugins_shim__', False)\n"
+    code = ("from mlx_arch_plugins.host.patches import safetensors_shim as shim\n"
+            "before = shim.is_installed()\n"
             "import mlx_lm.utils\n"
-            "print(before, getattr(mx.load, '__mlx_arch_plugins_shim__', False))")
+            "print(before, shim.is_installed())")
     assert _fresh(code) == "False True"
 
 

@@ -19,6 +19,18 @@ import copy
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
+from .tokens import (
+    ASSISTANT,
+    BOS,
+    DSML,
+    EOS,
+    LATEST_REMINDER,
+    TASK_TOKENS,
+    THINK_END,
+    THINK_START,
+    USER,
+)
+
 __all__ = [
     "RELEASES",
     "DEFAULT_RELEASE",
@@ -27,25 +39,6 @@ __all__ = [
     "apply_chat_template",
     "encode_messages",
 ]
-
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK_START = "<think>"
-THINK_END = "</think>"
-DSML = "｜DSML｜"
-LATEST_REMINDER = "<｜latest_reminder｜>"
-
-# Task tokens a user turn may request (``task`` field, internal search-agent use).
-TASK_TOKENS = {
-    "action": "<｜action｜>",
-    "query": "<｜query｜>",
-    "authority": "<｜authority｜>",
-    "domain": "<｜domain｜>",
-    "title": "<｜title｜>",
-    "read_url": "<｜read_url｜>",
-}
 
 TOOLS_BLOCK = (
     "## Tools\n\n"

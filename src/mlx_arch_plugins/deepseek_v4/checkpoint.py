@@ -22,14 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-
-class CheckpointError(ValueError):
-    """A tensor of the checkpoint does not fit the model; ``tensor`` names it
-    (checkpoint name) so the loader can add the file it came from."""
-
-    def __init__(self, tensor: str, message: str):
-        super().__init__(f"tensor {tensor!r}: {message}")
-        self.tensor = tensor
+from ..host.errors import CheckpointError
 
 
 # Official top-level names → MLX names.

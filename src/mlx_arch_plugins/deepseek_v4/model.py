@@ -34,10 +34,19 @@ from . import kernels as _kernels
 from .cache import BatchDeepseekV4Cache, DeepseekV4Cache
 from .shard import pipeline_hidden, pipeline_split, shard_model
 
-try:  # the chat template module owns the tokenizer defaults
-    from .chat_template import TOKENIZER_DEFAULTS  # noqa: F401
-except Exception:  # pragma: no cover - keeps the model usable on its own
-    pass
+from .chat_template import TOKENIZER_DEFAULTS, detect_release
+from .convert import convert_dequantize, convert_quantize
+
+# What the plugin host reads from this module (see mlx_arch_plugins.host.plugins).
+CACHE_CLASSES = (DeepseekV4Cache, BatchDeepseekV4Cache)
+TINY_BUILDER = f"{__package__}.tiny"
+
+
+def chat_template_defaults(model_path) -> dict:
+    """The encoder release of the checkpoint's own encoder, when it ships one."""
+    release = detect_release(model_path)
+    return {"encoder_release": release} if release is not None else {}
+
 
 SUPPORTED_RATIOS = (0, 4, 128)
 _REQUIRED = (

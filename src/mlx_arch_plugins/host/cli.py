@@ -4,11 +4,27 @@ import argparse
 import importlib
 import sys
 
-# Sub-commands that live in their own modules: imported only when asked for.
+# The architecture `make-tiny` and `demo` build (the host's one architecture name).
+DEFAULT_ARCHITECTURE = "deepseek_v4"
+
+# Sub-commands that live in their own modules: imported only when asked for. None: the
+# default architecture's tiny builder (its model module's TINY_BUILDER).
 DELEGATED = {
-    "make-tiny": ("mlx_arch_plugins.deepseek_v4.tiny", "write a tiny random DeepSeek-V4 checkpoint"),
+    "make-tiny": (None, f"write a tiny random {DEFAULT_ARCHITECTURE} checkpoint"),
     "demo": ("mlx_arch_plugins.host.demo", "run the end-to-end demo"),
 }
+
+
+def tiny_builder_name(architecture: str = DEFAULT_ARCHITECTURE) -> str:
+    """Module name of the architecture's tiny checkpoint builder."""
+    from . import plugins
+
+    module = importlib.import_module(plugins.registered_module_name(architecture))
+    return module.TINY_BUILDER
+
+
+def tiny_builder(architecture: str = DEFAULT_ARCHITECTURE):
+    return importlib.import_module(tiny_builder_name(architecture))
 
 
 def _parser():
@@ -17,7 +33,9 @@ def _parser():
         description="Architectures for stock mlx-lm, served as plugins.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    doctor = sub.add_parser("doctor", help="show whether the plugin host works here, and why")
+    doctor = sub.add_parser(
+        "doctor", help="show whether the plugin host works here, and why"
+    )
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     for name, (module, text) in DELEGATED.items():
         sub.add_parser(name, help=f"{text} (options: {name} --help)", add_help=False)
@@ -27,6 +45,7 @@ def _parser():
 def _delegate(command, argv):
     module_name, _ = DELEGATED[command]
     try:
+        module_name = module_name or tiny_builder_name()
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name != module_name:

@@ -36,14 +36,22 @@ def _mlx_info():
     try:
         import mlx.core as mx
     except Exception as e:
-        return {"backend": None, "default_device": None, "error": f"{type(e).__name__}: {e}"}
+        return {
+            "backend": None,
+            "default_device": None,
+            "error": f"{type(e).__name__}: {e}",
+        }
     if mx.metal.is_available():
         backend = "metal"
     elif getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
         backend = "cuda"
     else:
         backend = "cpu"
-    return {"backend": backend, "default_device": str(mx.default_device()), "error": None}
+    return {
+        "backend": backend,
+        "default_device": str(mx.default_device()),
+        "error": None,
+    }
 
 
 def _stock_has(parent, name):
@@ -105,7 +113,10 @@ def collect():
                 )
     return {
         "schema": SCHEMA,
-        "package": {"name": "mlx-arch-plugins", "version": _version("mlx-arch-plugins")},
+        "package": {
+            "name": "mlx-arch-plugins",
+            "version": _version("mlx-arch-plugins"),
+        },
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "hook": dict(host, startup_files=_startup_files()),
         "versions": {d: _version(d) for d in ("mlx", "mlx-lm", "transformers")},
@@ -117,7 +128,9 @@ def collect():
 
 def _print_text(report):
     host = report["hook"]
-    print(f"mlx-arch-plugins {report['package']['version']} on Python {report['python']['version']}")
+    print(
+        f"mlx-arch-plugins {report['package']['version']} on Python {report['python']['version']}"
+    )
     print(f"hook: {'ACTIVE' if host['active'] else 'INACTIVE'}: {host['reason']}")
     if host["allowlist"] is not None:
         print(f"allowlist ({_hook.ALLOW_ENV}): {', '.join(host['allowlist'])}")
@@ -125,7 +138,9 @@ def _print_text(report):
         print(f"start-up file: {f['path']}{'' if f['exists'] else ' (MISSING)'}")
     if not host["startup_files"]:
         print("start-up file: none found (package not installed with pip?)")
-    versions = ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items())
+    versions = ", ".join(
+        f"{k} {v or 'not installed'}" for k, v in report["versions"].items()
+    )
     print(f"versions: {versions}")
     mlx = report["mlx"]
     if mlx["error"]:

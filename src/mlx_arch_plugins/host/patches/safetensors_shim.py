@@ -13,7 +13,7 @@ What the fallback returns, per safetensors dtype:
 * ``F8_E5M2``: ``float16``. E5M2 is the top byte of an IEEE half, so the
   decoded values are exact, including inf and nan;
 * ``F4`` (e2m1, two per byte, element 2k in the low nibble): ``uint8`` packed
-  bytes, shape ``[..., n // 2]``, same layout as DeepSeek's I8 expert weights
+  bytes, shape ``[..., n // 2]``, same layout as the official FP4 expert weights (I8)
   and as MLX's own 4-bit packing;
 * ``F64``: ``float64`` (mlx has no safetensors reader for it).
 
@@ -24,13 +24,16 @@ resident memory stays near the size of the arrays returned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import patching
 
 import numpy as np
 
@@ -107,7 +110,10 @@ def read_header(path) -> Tuple[List[TensorInfo], Dict[str, str]]:
     except OSError as e:
         _fail(path, f"cannot stat file ({e.strerror})")
     if size < 8:
-        _fail(path, f"file is {size} bytes; expected at least the 8-byte header length (truncated?)")
+        _fail(
+            path,
+            f"file is {size} bytes; expected at least the 8-byte header length (truncated?)",
+        )
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > size - 8:
@@ -150,20 +156,30 @@ def read_header(path) -> Tuple[List[TensorInfo], Dict[str, str]]:
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            _fail(path, f"shape must be a list of non-negative integers, got {shape!r}", name)
+            _fail(
+                path,
+                f"shape must be a list of non-negative integers, got {shape!r}",
+                name,
+            )
         if (
             not isinstance(offs, list)
             or len(offs) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
         ):
-            _fail(path, f"data_offsets must be [begin, end] integers, got {offs!r}", name)
+            _fail(
+                path, f"data_offsets must be [begin, end] integers, got {offs!r}", name
+            )
         b, e = offs
         numel = 1
         for d in shape:
             numel *= d
         bits = numel * DTYPE_BITS[dtype]
         if bits % 8:
-            _fail(path, f"{dtype} shape {shape} holds {numel} elements, not a whole number of bytes", name)
+            _fail(
+                path,
+                f"{dtype} shape {shape} holds {numel} elements, not a whole number of bytes",
+                name,
+            )
         nbytes = bits // 8
         if not 0 <= b <= e:
             _fail(path, f"data_offsets {offs} are not ordered 0 <= begin <= end", name)
@@ -180,7 +196,9 @@ def read_header(path) -> Tuple[List[TensorInfo], Dict[str, str]]:
                 f"{n}-byte header; file is {size} bytes): truncated shard?",
                 name,
             )
-        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e))
+        infos.append(
+            TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e)
+        )
 
     by_start = sorted((t for t in infos if t.end > t.begin), key=lambda t: t.begin)
     for prev, cur in zip(by_start, by_start[1:]):
@@ -197,10 +215,24 @@ def read_header(path) -> Tuple[List[TensorInfo], Dict[str, str]]:
 
 # Storage dtype (mlx) each decodable safetensors dtype is copied into.
 _RAW_STORAGE = {
-    "BOOL": "bool_", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
-    "F16": "float16", "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64",
-    "I64": "int64", "F64": "uint64", "C64": "complex64", "BF16": "uint16",
-    "F8_E4M3": "uint8", "F8_E8M0": "uint8", "F8_E5M2": "uint8", "F4": "uint8",
+    "BOOL": "bool_",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "F16": "float16",
+    "U32": "uint32",
+    "I32": "int32",
+    "F32": "float32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F64": "uint64",
+    "C64": "complex64",
+    "BF16": "uint16",
+    "F8_E4M3": "uint8",
+    "F8_E8M0": "uint8",
+    "F8_E5M2": "uint8",
+    "F4": "uint8",
 }
 
 DECODABLE = frozenset(_RAW_STORAGE)
@@ -212,7 +244,11 @@ def _storage_shape(path, info: TensorInfo):
     if info.dtype == "F4":
         shape = info.shape
         if shape and shape[-1] % 2:
-            _fail(path, f"F4 shape {list(shape)} has an odd last dimension; cannot return whole bytes per row", info.name)
+            _fail(
+                path,
+                f"F4 shape {list(shape)} has an odd last dimension; cannot return whole bytes per row",
+                info.name,
+            )
         return shape[:-1] + (shape[-1] // 2,) if shape else ()
     return info.shape
 
@@ -232,7 +268,9 @@ def _copy_tensor(path, info: TensorInfo, mm):
             f"(reader handles {', '.join(sorted(DECODABLE))})",
             info.name,
         )
-    dst = mx.zeros(_storage_shape(path, info), dtype=getattr(mx, _RAW_STORAGE[info.dtype]))
+    dst = mx.zeros(
+        _storage_shape(path, info), dtype=getattr(mx, _RAW_STORAGE[info.dtype])
+    )
     mx.eval(dst)
     n = info.end - info.begin
     if n:
@@ -242,7 +280,9 @@ def _copy_tensor(path, info: TensorInfo, mm):
         page = mmap.PAGESIZE
         for off in range(0, n, _CHUNK):
             c = min(_CHUNK, n - off)
-            out[off : off + c] = np.frombuffer(mm, dtype=np.uint8, count=c, offset=info.begin + off)
+            out[off : off + c] = np.frombuffer(
+                mm, dtype=np.uint8, count=c, offset=info.begin + off
+            )
             if hasattr(mmap, "MADV_DONTNEED"):
                 lo = ((info.begin + off) // page) * page
                 try:
@@ -291,8 +331,12 @@ def load_safetensors(path, return_metadata: bool = False, names=None):
 
 
 # --- mx.load wrapper -------------------------------------------------------
+#
+# The one wrapper of ``mx.load`` this package installs (through ``patching``). Other
+# host code that wants to see loads (load progress) registers an observer instead of
+# wrapping ``mx.load`` a second time.
 
-_original_load = None
+_observers: List[Callable[[str], None]] = []
 
 
 def _is_safetensors_path(file, fmt) -> bool:
@@ -308,50 +352,72 @@ def _unsupported_dtype(err: BaseException) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def _wrapped_load(file, /, format=None, return_metadata=False, **kwargs):
-    if not _is_safetensors_path(file, format):
-        return _original_load(file, format=format, return_metadata=return_metadata, **kwargs)
-    read_header(file)  # clear errors for broken files, before mlx allocates anything
+def _notify(file) -> None:
+    if isinstance(file, (str, os.PathLike)):
+        for observe in list(_observers):
+            observe(os.fspath(file))
+
+
+def _make_load(original):
+    def load(file, /, format=None, return_metadata=False, **kwargs):
+        if not _is_safetensors_path(file, format):
+            out = original(
+                file, format=format, return_metadata=return_metadata, **kwargs
+            )
+        else:
+            read_header(
+                file
+            )  # clear errors for broken files, before mlx allocates anything
+            try:
+                out = original(
+                    file, format=format, return_metadata=return_metadata, **kwargs
+                )
+            except RuntimeError as e:
+                if _unsupported_dtype(e) is None:
+                    raise
+                out = load_safetensors(file, return_metadata=return_metadata)
+        _notify(file)
+        return out
+
+    load.__doc__ = (original.__doc__ or "") + (
+        "\n\n(wrapped by mlx_arch_plugins: safetensors dtypes this mlx rejects are read by "
+        "mlx_arch_plugins.host.patches.safetensors_shim)"
+    )
+    return load
+
+
+@contextlib.contextmanager
+def observing(callback: Callable[[str], None]):
+    """Call ``callback(path)`` after each file ``mx.load`` reads inside the block."""
+    _observers.append(callback)
     try:
-        return _original_load(file, format=format, return_metadata=return_metadata, **kwargs)
-    except RuntimeError as e:
-        if _unsupported_dtype(e) is None:
-            raise
-    return load_safetensors(file, return_metadata=return_metadata)
-
-
-_wrapped_load.__mlx_arch_plugins_shim__ = True
+        yield
+    finally:
+        _observers.remove(callback)
 
 
 def is_installed() -> bool:
     import mlx.core as mx
 
-    return getattr(mx.load, "__mlx_arch_plugins_shim__", False)
+    return patching.is_patched(mx, "load")
+
+
+def original_load():
+    """``mx.load`` as mlx defines it (the wrapper's target when installed)."""
+    import mlx.core as mx
+
+    return patching.original(mx.load)
 
 
 def install() -> bool:
     """Wrap ``mlx.core.load``; idempotent. Returns True if it changed anything."""
-    global _original_load
     import mlx.core as mx
 
-    if is_installed():
-        return False
-    _original_load = mx.load
-    _wrapped_load.__doc__ = (_original_load.__doc__ or "") + (
-        "\n\n(wrapped by mlx_arch_plugins: safetensors dtypes this mlx rejects are read by "
-        "mlx_arch_plugins.host.patches.safetensors_shim)"
-    )
-    mx.load = _wrapped_load
-    return True
+    return patching.replace(mx, "load", _make_load) is not None
 
 
 def uninstall() -> bool:
     """Restore the original ``mlx.core.load`` if our wrapper is the current one."""
-    global _original_load
-    import mlx.core as mx
-
-    if not is_installed() or _original_load is None:
-        return False
-    mx.load = _original_load
-    _original_load = None
-    return True
+    was = is_installed()
+    patching.undo(__name__)
+    return was

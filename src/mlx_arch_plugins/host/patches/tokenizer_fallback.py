@@ -1,7 +1,7 @@
 """Build a tokenizer straight from ``tokenizer.json`` when transformers cannot.
 
-Some transformers versions fail on DeepSeek-V4 checkpoints in
-``AutoTokenizer.from_pretrained`` (an unknown ``deepseek_v4`` config, or a
+Some transformers versions fail on checkpoints of architectures they do not know in
+``AutoTokenizer.from_pretrained`` (an unknown ``model_type`` in the config, or a
 ``tokenizer_class`` such as ``TokenizersBackend`` written by a newer version).
 The tokenizer itself is a plain ``tokenizers`` BPE file, so we load it with the
 ``tokenizers`` library and wrap it in ``PreTrainedTokenizerFast`` (which every
@@ -21,9 +21,23 @@ from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["load_tokenizer", "eos_token_ids", "read_json"]
 
-_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+_SPECIAL_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
 # Keys of tokenizer_config.json that only steer class resolution or are rebuilt here.
-_DROP_KEYS = {"tokenizer_class", "auto_map", "added_tokens_decoder", "tokenizer_file", "name_or_path"}
+_DROP_KEYS = {
+    "tokenizer_class",
+    "auto_map",
+    "added_tokens_decoder",
+    "tokenizer_file",
+    "name_or_path",
+}
 
 
 def read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -42,7 +56,9 @@ def _token_text(value: Any) -> Optional[str]:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"special token must be a string or an AddedToken dict, got {value!r}")
+    raise ValueError(
+        f"special token must be a string or an AddedToken dict, got {value!r}"
+    )
 
 
 def eos_token_ids(model_path: Union[str, Path]) -> Optional[List[int]]:
@@ -74,26 +90,37 @@ def load_tokenizer(model_path: Union[str, Path], **extra: Any):
     model_path = Path(model_path)
     tokenizer_file = model_path / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"{tokenizer_file}: missing; the fallback tokenizer needs it")
+        raise FileNotFoundError(
+            f"{tokenizer_file}: missing; the fallback tokenizer needs it"
+        )
     try:
         backend = Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:
-        raise ValueError(f"{tokenizer_file}: the tokenizers library cannot load it ({e})") from e
+        raise ValueError(
+            f"{tokenizer_file}: the tokenizers library cannot load it ({e})"
+        ) from e
 
     config = read_json(model_path / "tokenizer_config.json") or {}
     kwargs: Dict[str, Any] = {k: v for k, v in config.items() if k not in _DROP_KEYS}
     for key in _SPECIAL_KEYS:
         if key in kwargs:
             kwargs[key] = _token_text(kwargs[key])
-    extra = {k: v for k, v in extra.items() if k not in ("trust_remote_code", "revision")}
+    extra = {
+        k: v for k, v in extra.items() if k not in ("trust_remote_code", "revision")
+    }
     kwargs.update(extra)
 
     # No tokenizer_config.json (or no BOS/EOS in it): name them from the ids in
     # generation_config.json / config.json.
     ids = {}
     for name in ("config.json", "generation_config.json"):
-        ids.update({k: v for k, v in (read_json(model_path / name) or {}).items()
-                    if k in ("bos_token_id", "eos_token_id") and v is not None})
+        ids.update(
+            {
+                k: v
+                for k, v in (read_json(model_path / name) or {}).items()
+                if k in ("bos_token_id", "eos_token_id") and v is not None
+            }
+        )
     for key in ("bos_token", "eos_token"):
         token_id = ids.get(key + "_id")
         if isinstance(token_id, list):
