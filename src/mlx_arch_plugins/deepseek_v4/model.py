@@ -31,6 +31,7 @@ from mlx_lm.models.pipeline import PipelineMixin
 from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
 
 from . import kernels as _kernels
+from . import packed_decode
 from .cache import BatchDeepseekV4Cache, DeepseekV4Cache
 from .shard import pipeline_hidden, pipeline_split, shard_model
 
@@ -246,37 +247,35 @@ def qat_round(x: mx.array, block: int, fmt: str) -> mx.array:
     return _qat_round_c(x, block, fmt, _RECIP[fmt])
 
 
-_HEAD_MASKS: Dict[Any, mx.array] = {}
+# The module-level caches below hold plain data (built from Python/NumPy, never lazy
+# ops): usable from any thread and inside compiled traces. They are bounded because
+# their keys follow input shapes.
+
+
+@functools.lru_cache(maxsize=32)
+def _head_mask(d: int, block: int, keep: int) -> mx.array:
+    cut = d - keep
+    return mx.array([[i * block + j < cut for j in range(block)] for i in range(d // block)])
 
 
 def qat_round_head(x: mx.array, block: int, fmt: str, keep: int) -> mx.array:
     """``qat_round`` of all but the last ``keep`` channels (a multiple of
     ``block``), which are returned as they are: no slice and concatenate."""
-    d = x.shape[-1]
-    key = (d, block, keep)
-    if key not in _HEAD_MASKS:  # plain data: usable from any thread
-        cut = d - keep
-        _HEAD_MASKS[key] = mx.array(
-            [[i * block + j < cut for j in range(block)] for i in range(d // block)]
-        )
-    return _qat_round_c(x, block, fmt, _RECIP[fmt], _HEAD_MASKS[key])
+    mask = _head_mask(x.shape[-1], block, keep)
+    return _qat_round_c(x, block, fmt, _RECIP[fmt], mask)
 
 
-_HADAMARD: Dict[Any, mx.array] = {}
+@functools.lru_cache(maxsize=16)
+def _hadamard_matrix(n: int, dtype: mx.Dtype) -> mx.array:
+    h = np.ones((1, 1), dtype=np.float32)
+    while h.shape[0] < n:  # Sylvester order
+        h = np.block([[h, h], [h, -h]])
+    return mx.array(h * np.float32(n**-0.5)).astype(dtype)
 
 
 def hadamard(x: mx.array) -> mx.array:
     """Normalised Sylvester-order Walsh-Hadamard transform of the last axis."""
-    n = x.shape[-1]
-    key = (n, x.dtype)
-    if key not in _HADAMARD:
-        h = mx.array([[1.0]])
-        while h.shape[0] < n:
-            h = mx.concatenate(
-                [mx.concatenate([h, h], 1), mx.concatenate([h, -h], 1)], 0
-            )
-        _HADAMARD[key] = (h * n**-0.5).astype(x.dtype)
-    return x @ _HADAMARD[key]
+    return x @ _hadamard_matrix(x.shape[-1], x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -563,6 +562,42 @@ class Indexer(nn.Module):
         return (mx.maximum(dots.astype(mx.float32), 0) * w[..., None]).sum(2)
 
 
+def memoised(owner, name: str, anchors: tuple, key, build):
+    """``build()``'s value, kept on ``owner`` as ``name`` while ``anchors`` are the same
+    objects and ``key`` is equal; ``build`` returns ``(value, keep)``.
+
+    The one memo idiom of the model. Held as a plain attribute (``nn.Module`` would take
+    a tuple of arrays for a child) together with the anchors' ids: a deep copy of the
+    model (whose anchors have new ids) builds its own values instead of using closures
+    over the original's modules. ``key`` must be picklable (no ``mx.Dtype``: use str).
+    """
+    ids = (tuple(id(a) for a in anchors), key)
+    held = owner.__dict__.get(name)
+    if held is not None and held[0] == ids and all(x is y for x, y in zip(held[1], anchors)):
+        return held[2]
+    value, keep = build()
+    if keep:
+        object.__setattr__(owner, name, (ids, anchors, value))
+    return value
+
+
+def topk_indices(score: mx.array, k: int) -> mx.array:
+    """Indices of the ``k`` largest scores along the last axis (in no order)."""
+    return mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]
+
+
+def row_offsets(B: int, cap: int, ndim: int) -> mx.array:
+    """``b * cap`` for each batch row ``b``, shaped to broadcast over ``ndim`` axes."""
+    return (mx.arange(B) * cap).reshape(B, *([1] * (ndim - 1)))
+
+
+def gather_rows(flat: mx.array, top: mx.array, base: mx.array) -> mx.array:
+    """The rows each batch row's top-k picked: ``flat`` is the batch's rows flattened
+    to [B * cap, hd], ``top`` [B, ..., k] indices within a row's own ``cap`` rows and
+    ``base`` their ``row_offsets``. Returns [B, ..., k, hd]."""
+    return flat[(top + base).reshape(-1)].reshape(*top.shape, flat.shape[-1])
+
+
 class DeepseekV4Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -639,7 +674,7 @@ class DeepseekV4Attention(nn.Module):
         """Attention output [B, L, H, hd] of the projected rows; updates the cache."""
         L = q.shape[1]
         if isinstance(cache, BatchDeepseekV4Cache) and cache.decoding(L):
-            return self._decode_packed(q, kv, proj, cache)
+            return packed_decode.decode(self, q, kv, proj, cache)
         if isinstance(cache, BatchDeepseekV4Cache):
             outs = []
             for b, lo, n in cache.segments(L):
@@ -684,17 +719,15 @@ class DeepseekV4Attention(nn.Module):
 
     def _sinks(self, dtype):
         # cast once per weight array and dtype, not once per step
-        key = (id(self.attn_sink), dtype)
-        memo = getattr(self, "_sink_memo", None)
-        if memo is None or memo[0] != key or memo[1] is not self.attn_sink:
+        def build():
             cast = self.attn_sink.astype(dtype)
             try:  # keep only evaluated data (any thread may use it later)
                 mx.eval(cast)
-            except Exception:  # e.g. inside a compiled trace: no memo
-                return cast
-            object.__setattr__(self, "_sink_memo", (key, self.attn_sink, cast))
-            memo = self._sink_memo
-        return memo[2]
+            except Exception:  # e.g. inside a compiled trace: do not keep
+                return cast, False
+            return cast, True
+
+        return memoised(self, "_sink_memo", (self, self.attn_sink), str(dtype), build)
 
     def _attend(self, q, kv, proj, cache: DeepseekV4Cache):
         """Attention for tokens at positions [T, T+L) of one aligned batch."""
@@ -722,7 +755,6 @@ class DeepseekV4Attention(nn.Module):
             if N:
                 # every visible entry is attended (HCA, or CSA whose
                 # visible entries all fit in the top-k)
-                qpos = mx.arange(T, T + L)
                 seen = mx.arange(N)[None] < ((qpos + 1) // self.ratio)[:, None]
                 keys = mx.concatenate([keys, cache.comp], 1)
                 mask = mx.concatenate([mask, mx.broadcast_to(seen, (B, L, N))], 2)
@@ -734,105 +766,6 @@ class DeepseekV4Attention(nn.Module):
         cache.push_window(kv)
         cache.offset = T + L
         return o
-
-    # -- decode of a packed batch: one token per sequence, own positions -------
-
-    def _decode_packed(self, q, kv, proj, cache: BatchDeepseekV4Cache):
-        st = cache._packed
-        if st is None:
-            dims = dict(window=self.window, ratio=self.ratio, dtype=kv.dtype,
-                        head_dim=self.head_dim)
-            if self.ratio:
-                dims["comp_width"] = self.compressor.ape.shape[1]
-                if self.ratio == 4:
-                    ic = self.indexer.compressor
-                    dims.update(index_dim=ic.dim, index_width=ic.ape.shape[1])
-            st = cache.packed(**dims)
-        m = self.ratio
-        if m:
-            need = max(st.offsets) // m + 2  # newest block's slot + scratch
-            if need > st.cap:
-                st.grow(((need + 255) // 256) * 256)
-        plan = _packed_plan(tuple(st.offsets), self.window, m, st.cap)
-        q = self._rope(q.transpose(0, 2, 1, 3), plan.Ta)  # [B, H, 1, hd]
-        kv = self._round_kv(self._rope(kv[:, None], plan.Ta)[:, 0])  # [B, 1, hd]
-        st.window = mx.concatenate([st.window[:, 1:], kv], 1)
-        sinks = self._sinks(q.dtype)
-        keys, mask = st.window, plan.wmask
-        if m:
-            self._packed_compress(proj, st, plan)
-            N = plan.N
-            if m == 4 and N > self.indexer.topk:
-                o = self._packed_sparse(q, proj, st, plan, sinks)
-                st.offsets = plan.next
-                return self._rope(o, plan.Ta, inverse=True).transpose(0, 2, 1, 3)
-            if N:
-                keys = mx.concatenate([keys, st.comp[:, :N]], 1)
-                mask = plan.mask
-        o = mx.fast.scaled_dot_product_attention(
-            q, keys[:, None], keys[:, None], scale=self.scale, mask=mask, sinks=sinks
-        )
-        st.offsets = plan.next
-        return self._rope(o, plan.Ta, inverse=True).transpose(0, 2, 1, 3)
-
-    def _packed_compress(self, proj, st, plan):
-        """One new row per sequence into the compressor rings; entries of the
-        blocks this row completes go to their slots (the others to scratch)."""
-        new = self._ring_step(self.compressor, proj["ckv"], proj["cgate"], "comp", st, plan)
-        if new is not None:
-            st.comp[plan.rows, plan.write] = self._round_kv(new)
-        if self.ratio == 4:
-            new = self._ring_step(
-                self.indexer.compressor, proj["ikv"], proj["igate"], "index", st, plan
-            )
-            if new is not None:
-                st.index[plan.rows, plan.write] = self.indexer.rotate(new)
-        st.n = plan.n
-
-    @staticmethod
-    def _ring_step(comp: Compressor, kv, score, name, st, plan):
-        m, d = comp.ratio, comp.dim
-        ring_kv, ring_sc = _ring_write(*st.rings[name], plan.hot, kv, score,
-                                       comp.ape[plan.ape_pos])
-        st.rings[name] = (ring_kv, ring_sc)
-        if not plan.pool:
-            return None
-        if comp.overlap:
-            # each sequence's previous block (first d channels) then its
-            # current block (last d channels), oldest row first
-            bkv = mx.take_along_axis(ring_kv, plan.order, axis=1)
-            bsc = mx.take_along_axis(ring_sc, plan.order, axis=1)
-            bkv = mx.concatenate([bkv[:, :m, :d], bkv[:, m:, d:]], 1)
-            bsc = mx.concatenate([bsc[:, :m, :d], bsc[:, m:, d:]], 1)
-        else:  # ring of one block: slot i holds row i of the block
-            bkv, bsc = ring_kv, ring_sc
-        w = mx.softmax(bsc, axis=1, precise=True)
-        entries = comp.norm((bkv * w).sum(1).astype(kv.dtype))  # [B, d]
-        return comp._rope(entries[:, None, None], plan.blocks, stride=m)[:, 0, 0]
-
-    def _packed_sparse(self, q, proj, st, plan, sinks):
-        B, H, _, hd = q.shape
-        k, N = self.indexer.topk, plan.N
-        iq = self.indexer.queries(proj["iq"], plan.Ta)  # [B, 1, Hi, ihd]
-        score = self.indexer.scores(iq, proj["iw"], st.index[:, :N])[:, 0]  # [B, N]
-        if plan.cmask is not None:
-            score = mx.where(plan.cmask, score, -mx.inf)
-        top = mx.argpartition(-score, kth=k - 1, axis=-1)[:, :k]  # [B, k]
-        cap = st.cap
-        kc = st.comp.reshape(B * cap, hd)[(top + plan.base).reshape(-1)]
-        keys = mx.concatenate([st.window, kc.reshape(B, k, hd)], 1)[:, None]
-        mask = None
-        if plan.wmask is not None or plan.cmask is not None:
-            wm = plan.wmask2d if plan.wmask is not None else mx.ones((B, self.window), dtype=mx.bool_)
-            cm = (
-                mx.take_along_axis(plan.cmask, top, axis=-1)
-                if plan.cmask is not None
-                else mx.ones((B, k), dtype=mx.bool_)
-            )
-            mask = mx.concatenate([wm, cm], 1)[:, None, None]
-        return mx.fast.scaled_dot_product_attention(
-            q, keys, keys, scale=self.scale, mask=mask, sinks=sinks
-        )
 
     def _decode_one(self, q, kv, proj, cache: DeepseekV4Cache):
         """One token of an aligned batch: after the push the window holds
@@ -847,12 +780,10 @@ class DeepseekV4Attention(nn.Module):
             B, hd = keys.shape[0], keys.shape[-1]
             iq = self.indexer.queries(proj["iq"], T)
             score = self.indexer.scores(iq, proj["iw"], cache.index)[:, 0]  # [B, N]
-            top = mx.argpartition(-score, kth=self.indexer.topk - 1, axis=-1)
-            top = top[:, : self.indexer.topk]
+            top = topk_indices(score, self.indexer.topk)
             cap = cache._comp.shape[1]
             flat = cache._comp.reshape(-1, hd)
-            kc = flat[(top + (mx.arange(B) * cap)[:, None]).reshape(-1)]
-            keys = mx.concatenate([keys, kc.reshape(B, -1, hd)], 1)
+            keys = mx.concatenate([keys, gather_rows(flat, top, row_offsets(B, cap, 2))], 1)
         elif N:
             keys = mx.concatenate([keys, cache.comp], 1)
         o = mx.fast.scaled_dot_product_attention(
@@ -892,7 +823,7 @@ class DeepseekV4Attention(nn.Module):
         span = win + k
         bq = max(1, min(L, self._BLOCK_ELEMS // max(span * hd, self.indexer.n_heads * N)))
         flat = comp.reshape(B * N, hd)
-        base = (mx.arange(B) * N)[:, None, None]
+        base = row_offsets(B, N, 3)
         outs = []
         for a in range(0, L, bq):
             n = min(bq, L - a)
@@ -901,9 +832,9 @@ class DeepseekV4Attention(nn.Module):
             seen = mx.arange(N)[None] < ((qpos + 1) // m)[:, None]  # [n, N]
             score = self.indexer.scores(iq[:, a : a + n], proj["iw"][:, a : a + n], index)
             score = mx.where(seen, score, -mx.inf)
-            top = mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]  # [B, n, k]
+            top = topk_indices(score, k)  # [B, n, k]
             ok_c = mx.take_along_axis(mx.broadcast_to(seen, (B, n, N)), top, axis=-1)
-            kc = flat[(top + base).reshape(-1)].reshape(B, n, k, hd)
+            kc = gather_rows(flat, top, base)
             # window rows of query t: key indices t-win+1 .. t (in `keys`)
             iw = (rows + W0 - win + 1)[:, None] + mx.arange(win)[None]  # [n, win]
             ok_w = mx.broadcast_to(iw >= 0, (B, n, win))
@@ -917,62 +848,6 @@ class DeepseekV4Attention(nn.Module):
             outs.append(o.reshape(B, n, H, hd))
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, 1)
         return o.transpose(0, 2, 1, 3)
-
-
-class _Plan:
-    pass
-
-
-@mx.compile
-def _ring_write(ring_kv, ring_sc, hot, kv, score, ape):
-    # each sequence's new row into its slot (``hot``), in one elementwise pass
-    # instead of two scatters; scores carry the block-position embedding
-    score = score.astype(mx.float32) + ape[:, None]
-    return mx.where(hot, kv.astype(mx.float32), ring_kv), mx.where(hot, score, ring_sc)
-
-
-@functools.lru_cache(maxsize=16)
-def _packed_plan(T: tuple, W: int, m: int, cap: int) -> _Plan:
-    """Index arrays of one packed decode step, shared by every layer of a
-    kind (they depend only on the positions). Built from Python lists, so
-    they are plain data (usable from any thread), once per step."""
-    p = _Plan()
-    B = len(T)
-    p.Ta = mx.array(T, dtype=mx.int32)
-    p.next = [t + 1 for t in T]
-    # window row j holds position T-W+1+j; rows below position 0 are empty
-    low = [W - 1 - t for t in T]
-    wm = [[j >= lo for j in range(W)] for lo in low] if max(low) > 0 else None
-    p.wmask2d = None if wm is None else mx.array(wm)
-    p.wmask = None if wm is None else mx.array([[[r]] for r in wm])  # [B, 1, 1, W]
-    if not m:
-        return p
-    R = 2 * m if m == 4 else m
-    p.rows = mx.array(list(range(B)), dtype=mx.int32)
-    p.hot = mx.array([[[t % R == r] for r in range(R)] for t in T])  # [B, R, 1]
-    p.ape_pos = mx.array([t % m for t in T], dtype=mx.int32)
-    done = [(t + 1) % m == 0 for t in T]
-    p.pool = any(done)
-    blocks = [t // m for t in T]
-    p.blocks = mx.array(blocks, dtype=mx.int32)
-    p.write = mx.array([kb if d else cap - 1 for kb, d in zip(blocks, done)], dtype=mx.int32)
-    if p.pool and m == 4:
-        p.order = mx.array(
-            [[[p_ % R] for p_ in range((kb - 1) * m, kb * m + m)] for kb in blocks],
-            dtype=mx.int32,
-        )  # [B, 2m, 1]
-    p.n = [(t + 1) // m for t in T]
-    p.N = N = max(p.n)
-    cm = [[j < n for j in range(N)] for n in p.n] if min(p.n) < N else None
-    p.cmask = None if cm is None else mx.array(cm)
-    p.base = mx.array([[b * cap] for b in range(B)], dtype=mx.int32)
-    if wm is None and cm is None:
-        p.mask = None
-    else:
-        rows = [(w if wm else [True] * W) + (c if cm else [True] * N)
-                for w, c in zip(wm or [None] * B, cm or [None] * B)]
-        p.mask = mx.array([[[r]] for r in rows])  # [B, 1, 1, W + N]
-    return p
 
 
 # ----------------------------------------------------------------------------
@@ -1065,7 +940,9 @@ class _SwitchLinear(SwitchLinear):
         return y.astype(x.dtype)
 
 
-_LHS: Dict[Any, mx.array] = {}
+@functools.lru_cache(maxsize=64)
+def _lhs_indices(batch: tuple) -> mx.array:
+    return mx.array(np.arange(math.prod(batch), dtype=np.uint32).reshape(batch))
 
 
 def _experts(layer, x, idx, sorted_indices):
@@ -1079,12 +956,9 @@ def _experts(layer, x, idx, sorted_indices):
         or getattr(layer, "global_scale", None) is not None
     ):
         return layer(x, idx, sorted_indices=sorted_indices)
-    batch = x.shape[:-2]
-    if batch not in _LHS:  # plain data (no lazy op): fine inside compile, any thread
-        _LHS[batch] = mx.array(np.arange(math.prod(batch), dtype=np.uint32).reshape(batch))
     return mx.gather_qmm(
         x, layer["weight"], layer["scales"], layer.get("biases"),
-        lhs_indices=_LHS[batch], rhs_indices=idx, transpose=True,
+        lhs_indices=_lhs_indices(tuple(x.shape[:-2])), rhs_indices=idx, transpose=True,
         group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
     )
 
@@ -1200,14 +1074,16 @@ class DeepseekV4Block(nn.Module):
         self.ffn_hc = HyperConnection(args)
 
     def __call__(self, h, cache, input_ids):
-        if h.shape[:2] == (1, 1) and self._compiled_decode():
+        compiled = self._compiled_decode() if h.shape[:2] == (1, 1) else None
+        if compiled is not None:
+            front, back = compiled
             # single-sequence decode: everything but the cache work runs as
             # two compiled graphs (a fraction of the Python graph building).
             # Batches stay eager: a trace per batch size, and the two packed
             # batch-8 A/B pairs on the H200 were not faster (RESULTS.md).
-            q, kv, proj, post, comb = self._front(h, self.attn.index_flag(cache, 1))
+            q, kv, proj, post, comb = front(h, self.attn.index_flag(cache, 1))
             o = self.attn.attend(q, kv, dict(zip(_PROJ_KEYS, proj)), cache)
-            return self._back(o, h, post, comb, input_ids)
+            return back(o, h, post, comb, input_ids)
         x, post, comb = self.attn_hc.collapse(h)
         y = self.attn(self.attn_norm(x), cache)
         h = HyperConnection.expand(y, h, post, comb)
@@ -1227,16 +1103,21 @@ class DeepseekV4Block(nn.Module):
         h = HyperConnection.expand(self.attn.output(o), h, post, comb)
         return self._ffn_half(h, input_ids)
 
-    def _compiled_decode(self) -> bool:
-        if not _compile_enabled() or self.attn.sharding_group is not None \
-                or self.ffn.sharding_group is not None:
-            return False
-        if "_front" not in self.__dict__:
-            # the block's arrays are passed as implicit inputs, so weights
-            # loaded or replaced later are seen (they are not baked in)
-            object.__setattr__(self, "_front", mx.compile(self._front_impl, inputs=[self]))
-            object.__setattr__(self, "_back", mx.compile(self._back_impl, inputs=[self]))
-        return True
+    def _compiled_decode(self):
+        """The compiled (front, back) pair of a single-sequence decode step, or None."""
+        if (
+            not _compile_enabled()
+            or self.attn.sharding_group is not None
+            or self.ffn.sharding_group is not None
+        ):
+            return None
+        # the block's arrays are passed as implicit inputs, so weights loaded or
+        # replaced later are seen (they are not baked in)
+        return memoised(self, "_compiled", (self,), None, self._compile_parts)
+
+    def _compile_parts(self):
+        compile_ = functools.partial(mx.compile, inputs=[self])
+        return (compile_(self._front_impl), compile_(self._back_impl)), True
 
 
 class MTPBlock(DeepseekV4Block):
@@ -1300,13 +1181,10 @@ class Model(nn.Module):
         return self.lm_head(self.model.norm(self.model.hc_head(h)))
 
     def _compiled_tail(self):
-        parts = [self.model.hc_head, self.model.norm, self.lm_head]
-        key = tuple(id(m) for m in parts)
-        memo = self.__dict__.get("_tail_memo")
-        if memo is None or memo[0] != key:  # built again if a part was replaced
-            memo = (key, mx.compile(self._tail, inputs=parts))
-            object.__setattr__(self, "_tail_memo", memo)
-        return memo[1]
+        # built again if a part was replaced
+        parts = (self, self.model.hc_head, self.model.norm, self.lm_head)
+        build = lambda: (mx.compile(self._tail, inputs=list(parts[1:])), True)  # noqa: E731
+        return memoised(self, "_tail_memo", parts, None, build)
 
     def mtp_logits(self, hidden, next_ids, cache=None, index: int = 0):
         """Logits of MTP block ``index`` on the main model's final state
