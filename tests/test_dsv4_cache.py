@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from dsv4_golden import inputs, load_case
+from helpers.dsv4_golden import inputs, load_case
 from mlx_lm.models.cache import (
     load_prompt_cache,
     make_prompt_cache,

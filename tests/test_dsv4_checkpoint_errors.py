@@ -6,7 +6,7 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from dsv4_golden import GOLDEN
+from helpers.dsv4_golden import GOLDEN
 from mlx_lm.utils import load_model
 
 SRC = GOLDEN / "b_hca_long" / "fp8"

@@ -12,7 +12,7 @@ import os
 import mlx.core as mx
 import numpy as np
 import pytest
-from dsv4_golden import inputs, load_case
+from helpers.dsv4_golden import inputs, load_case
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_arch_plugins.deepseek_v4 import model as dsv4

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from dsv4_golden import CASES, GOLDEN, expected, fp32_checks, load_case, run_protocol
+from helpers.dsv4_golden import CASES, GOLDEN, expected, fp32_checks, load_case, run_protocol
 
 pytestmark = pytest.mark.compat
 

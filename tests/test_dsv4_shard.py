@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from dsv4_golden import CASES, expected, fp32_checks, load_case, run_protocol
+from helpers.dsv4_golden import CASES, expected, fp32_checks, load_case, run_protocol
 
 HERE = Path(__file__).parent
-WORKER = HERE / "dsv4_shard_worker.py"
+WORKER = HERE / "helpers" / "dsv4_shard_worker.py"
 MODES = ("tensor", "pipeline")
 PROMPT = "The quick brown fox jumps over the lazy dog, then"
 MAX_TOKENS = 6

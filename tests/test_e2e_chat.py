@@ -3,7 +3,7 @@ turns typed on stdin, greedy."""
 
 import pytest
 
-import e2e_support as es
+from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat
 

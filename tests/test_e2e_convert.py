@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-import e2e_support as es
+from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat
 

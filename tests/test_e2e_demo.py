@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import e2e_support as es
+from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-import e2e_support as es
+from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat
 
@@ -24,11 +24,6 @@ N_TOKENS = 6
 PREFIX = "Here is a short document about alpha bravo charlie delta echo foxtrot golf hotel india juliet."
 SUFFIX = " Summarize it in one line."
 PROMPT = PREFIX + SUFFIX
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return es.tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

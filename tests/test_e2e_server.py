@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-import e2e_support as es
+from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat
 
@@ -23,11 +23,6 @@ MAX_TOKENS = 4
 _MLX_LM = tuple(int(x) for x in __import__("mlx_lm").__version__.split(".")[:2])
 CHAT = {"chat_template_kwargs": {"enable_thinking": False}}  # replies land in `content`
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen".split()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return es.tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,9 @@ from pathlib import Path
 
 import pytest
 
-TOYS = ("mlx-arch-plugins", "mlx-arch-toy", "mlx-arch-toy-broken")
-_missing = []
-for _dist in TOYS:
-    try:
-        metadata.distribution(_dist)
-    except metadata.PackageNotFoundError:
-        _missing.append(_dist)
-if _missing:
-    _why = (
-        f"not installed in {sys.prefix}: {', '.join(_missing)} "
-        "(pip install . tests/toy_plugin/good tests/toy_plugin/broken, as .ci/run does)"
-    )
-    if os.environ.get("CI"):
-        raise RuntimeError(_why)
-    pytest.skip(_why, allow_module_level=True)
+from helpers import toys
+
+toys.ensure_installed()
 
 CLI = Path(sys.executable).parent / "mlx-arch-plugins"
 BROKEN_DIST = "mlx-arch-toy-broken 0.2.0"
@@ -100,7 +88,7 @@ WORDS = ["<unk>", "<s>", "</s>", "user:", "assistant:", "hello", "world", "<call
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def toy_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     write_checkpoint(root / "toy", "toy_mlp", WORDS)
     write_checkpoint(root / "broken", "toy_broken", WORDS)
@@ -127,7 +115,7 @@ def test_alias_is_the_plugin_module_itself():
 
 
 @pytest.mark.compat
-def test_load_model_builds_the_toy(ckpt):
+def test_load_model_builds_the_toy(toy_ckpts):
     out = run_json(
         "import json, sys\nfrom pathlib import Path\nimport mlx.core as mx\n"
         "from mlx.utils import tree_flatten\nfrom mlx_lm.utils import load_model\n"
@@ -138,7 +126,7 @@ def test_load_model_builds_the_toy(ckpt):
         "logits = model(mx.array([[5, 6]]))\n"
         "print(json.dumps([type(model).__module__, sorted(params), same,\n"
         "  list(logits.shape), config['model_type']]))",
-        args=[str(ckpt / "toy")],
+        args=[str(toy_ckpts / "toy")],
     )
     module, names, same, shape, model_type = out
     assert module == "mlx_arch_toy.model"
@@ -155,7 +143,7 @@ def test_load_model_builds_the_toy(ckpt):
 
 
 @pytest.mark.compat
-def test_disabled_fails_as_stock_does(ckpt):
+def test_disabled_fails_as_stock_does(toy_ckpts):
     code = (
         "import json, sys\nfrom pathlib import Path\nfrom mlx_lm.utils import load_model\n"
         "from mlx_arch_plugins.host import hook as _hook\n"
@@ -164,7 +152,7 @@ def test_disabled_fails_as_stock_does(ckpt):
         "    c = e.__cause__ or e.__context__\n"
         "    print(json.dumps([str(e), type(c).__name__, _hook.is_installed()]))\n"
     )
-    out = run_json(code, args=[str(ckpt / "toy")], env={"MLX_ARCH_PLUGINS_DISABLE": "1"})
+    out = run_json(code, args=[str(toy_ckpts / "toy")], env={"MLX_ARCH_PLUGINS_DISABLE": "1"})
     assert out == ["Model type toy_mlp not supported.", "ModuleNotFoundError", False]
     # "0" means not disabled
     out = run_json("import mlx_lm.models.toy_mlp as m; print('[\"ok\"]')",
@@ -267,8 +255,8 @@ LOAD_ERR = (
 
 
 @pytest.mark.compat
-def test_broken_plugin_reports_error_and_distribution(ckpt):
-    msg, kind, cause, root = run_json(LOAD_ERR, args=[str(ckpt / "broken")])
+def test_broken_plugin_reports_error_and_distribution(toy_ckpts):
+    msg, kind, cause, root = run_json(LOAD_ERR, args=[str(toy_ckpts / "broken")])
     assert msg == "Model type toy_broken not supported."  # stock's wrapper, unchanged
     assert kind == "PluginImportError"
     assert "toy plugin fails on purpose" in cause
@@ -277,8 +265,8 @@ def test_broken_plugin_reports_error_and_distribution(ckpt):
 
 
 @pytest.mark.compat
-def test_plugin_with_missing_dependency_reports_it(ckpt):
-    msg, kind, cause, root = run_json(LOAD_ERR, args=[str(ckpt / "missing")])
+def test_plugin_with_missing_dependency_reports_it(toy_ckpts):
+    msg, kind, cause, root = run_json(LOAD_ERR, args=[str(toy_ckpts / "missing")])
     assert kind == "PluginImportError"
     assert "No module named 'not_a_real_dependency_xyz'" in cause
     assert BROKEN_DIST in cause
@@ -286,10 +274,10 @@ def test_plugin_with_missing_dependency_reports_it(ckpt):
 
 
 @pytest.mark.compat
-def test_generate_cli_shows_real_error_and_distribution(ckpt):
+def test_generate_cli_shows_real_error_and_distribution(toy_ckpts):
     proc = run(
         "from mlx_lm.generate import main; main()",
-        args=["--model", str(ckpt / "broken"), "--prompt", "hello", "--max-tokens", "1"],
+        args=["--model", str(toy_ckpts / "broken"), "--prompt", "hello", "--max-tokens", "1"],
         check=False,
     )
     assert proc.returncode != 0
@@ -298,8 +286,8 @@ def test_generate_cli_shows_real_error_and_distribution(ckpt):
     assert "Model type toy_broken not supported." in proc.stderr
 
 
-def test_name_registered_twice_is_an_error(ckpt):
-    msg, kind, cause, _ = run_json(LOAD_ERR, args=[str(ckpt / "dup")])
+def test_name_registered_twice_is_an_error(toy_ckpts):
+    msg, kind, cause, _ = run_json(LOAD_ERR, args=[str(toy_ckpts / "dup")])
     assert kind == "PluginImportError"
     assert "more than one distribution" in cause
     assert "mlx-arch-toy 0.1.0" in cause and BROKEN_DIST in cause
@@ -309,7 +297,7 @@ def test_name_registered_twice_is_an_error(ckpt):
 
 
 @pytest.mark.compat
-def test_load_wires_plugin_chat_template_and_tool_parser(ckpt):
+def test_load_wires_plugin_chat_template_and_tool_parser(toy_ckpts):
     out = run_json(
         "import json, sys\nfrom mlx_lm import load\nimport mlx_arch_toy.tool_parser as tp\n"
         "model, tok = load(sys.argv[1])\n"
@@ -317,7 +305,7 @@ def test_load_wires_plugin_chat_template_and_tool_parser(ckpt):
         "ids = tok.apply_chat_template(msgs, add_generation_prompt=True)\n"
         "print(json.dumps([type(model).__module__, tok.decode(ids),\n"
         "  tok.tool_parser is tp.parse_tool_call, tok.tool_call_start, tok.tool_call_end]))",
-        args=[str(ckpt / "toy")],
+        args=[str(toy_ckpts / "toy")],
     )
     assert out == [
         "mlx_arch_toy.model",
@@ -329,10 +317,10 @@ def test_load_wires_plugin_chat_template_and_tool_parser(ckpt):
 
 
 @pytest.mark.compat
-def test_generate_cli_runs_the_toy(ckpt):
+def test_generate_cli_runs_the_toy(toy_ckpts):
     proc = run(
         "from mlx_lm.generate import main; main()",
-        args=["--model", str(ckpt / "toy"), "--prompt", "hello", "--max-tokens", "3"],
+        args=["--model", str(toy_ckpts / "toy"), "--prompt", "hello", "--max-tokens", "3"],
     )
     assert "Generation:" in proc.stdout and "tokens-per-sec" in proc.stdout
     assert "Prompt: 4 tokens" in proc.stdout  # <s> user: hello assistant:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # tests/
 CASES_DIR = Path(os.environ.get("MLX_ARCH_CHAT_CASES") or HERE / "data" / "chat")
 
 BOS = "<｜begin▁of▁sentence｜>"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import chat_support as cs
+from helpers import chat_support as cs
 from mlx_arch_plugins.host.patches import patching, tokenizer_fallback
 from mlx_arch_plugins.host.patches import tokenizer as _tokenizer_patch
 from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl

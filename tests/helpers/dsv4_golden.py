@@ -7,7 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "cases"
+GOLDEN = Path(__file__).parent.parent / "data" / "golden" / "cases"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # tests/
 
 # Tiny DeepSeek-V4 for the end-to-end tests: make-tiny's default shapes with one
 # layer of each attention kind (sliding window only, CSA ratio 4 with indexer,

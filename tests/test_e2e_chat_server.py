@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import chat_support as cs
+from helpers import chat_support as cs
 
 # mlx-lm < 0.32 matches tool markers on token ids; "\n\n<｜DSML｜tool_calls>" has no
 # stable token sequence (">\n", ".\n\n" merge), so tool calls are not detected there
@@ -67,7 +67,7 @@ def server(tmp_path_factory):
         config={"model_file": "scripted_model.py"},
         jinja=cs.COMMUNITY_JINJA.encode("utf-8"),  # a shipped tool-less template
     )
-    shutil.copyfile(HERE / "chat_scripted_model.py", folder / "scripted_model.py")
+    shutil.copyfile(HERE / "helpers" / "chat_scripted_model.py", folder / "scripted_model.py")
     import mlx.core as mx
 
     mx.save_safetensors(str(folder / "model.safetensors"), {"dummy": mx.zeros((1,))})

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-import e2e_support as es
+from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat
 

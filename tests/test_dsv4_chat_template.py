@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import chat_support as cs
+from helpers import chat_support as cs
 from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl
 
 ENCODE = cs.encode_cases()
