@@ -44,7 +44,7 @@ def run_json(code, **kw):
     return json.loads(run(code, **kw).stdout.strip().splitlines()[-1])
 
 
-def write_checkpoint(path, model_type, vocab_words):
+def write_checkpoint(path, model_type, vocab_words, template_in_config=True, extra=None):
     """Config, weights (with keys sanitize must drop) and a word-level tokenizer."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -68,6 +68,7 @@ def write_checkpoint(path, model_type, vocab_words):
     weights = dict(tree_flatten(model.parameters()))
     weights["layers.0.rotary_emb.inv_freq"] = mx.ones((4,))
     weights["lm_head.weight"] = mx.zeros((len(vocab_words), 8))
+    weights.update(extra or {})
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     vocab = {w: i for i, w in enumerate(vocab_words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -78,9 +79,9 @@ def write_checkpoint(path, model_type, vocab_words):
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
-        "chat_template_type": "toy_chat",
-        "tool_parser_type": "toy_tools",
     }
+    if template_in_config:
+        tok_config.update(chat_template_type="toy_chat", tool_parser_type="toy_tools")
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
 
 
@@ -94,6 +95,11 @@ def toy_ckpts(tmp_path_factory):
     write_checkpoint(root / "broken", "toy_broken", WORDS)
     write_checkpoint(root / "missing", "toy_missing_dep", WORDS)
     write_checkpoint(root / "dup", "toy_dup", WORDS)
+    write_checkpoint(root / "declared", "toy_mlp", WORDS, template_in_config=False)
+    import mlx.core as mx
+
+    refused = {"refused.weight": mx.zeros((2,))}
+    write_checkpoint(root / "refused", "toy_mlp", WORDS, extra=refused)
     return root
 
 
@@ -314,6 +320,41 @@ def test_load_wires_plugin_chat_template_and_tool_parser(toy_ckpts):
         "<call>",
         "</call>",
     ]
+
+
+@pytest.mark.compat
+def test_architecture_declarations_reach_the_host(toy_ckpts, tmp_path):
+    # What a third-party architecture declares in its model module, with no edit here:
+    # tokenizer defaults (no template named by the checkpoint), a cache class a
+    # prompt-cache file names (loaded before any model), a checkpoint error that gets
+    # its shard file, and a convert hook.
+    out = run_json(
+        "import json, sys\nimport mlx.core as mx\n"
+        "from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache\n"
+        "from mlx_arch_toy.model import ToyCache\n"
+        "c = ToyCache(); c.update_and_fetch(mx.ones((1, 1, 2, 4)), mx.ones((1, 1, 2, 4)))\n"
+        "save_prompt_cache(sys.argv[2], [c])\n"
+        "print(json.dumps(type(load_prompt_cache(sys.argv[2])[0]).__name__))",
+        args=[str(toy_ckpts / "declared"), str(tmp_path / "cache.safetensors")],
+    )
+    assert out == "ToyCache"
+    out = run_json(
+        "import json, sys\nimport mlx_lm.models.cache as stock\n"
+        "print(json.dumps(getattr(stock, 'ToyCache', None) is None))\n"
+        "from mlx_lm import load\nimport mlx_lm.utils as mu\nimport mlx_arch_toy.tool_parser as tp\n"
+        "model, tok = load(sys.argv[1])\n"
+        "ids = tok.apply_chat_template([{'role': 'user', 'content': 'hello'}],\n"
+        "                              add_generation_prompt=True)\n"
+        "try:\n    load(sys.argv[2]); err = None\nexcept ValueError as e:\n    err = str(e)\n"
+        "dense = mu.dequantize_model(model)\n"
+        "print(json.dumps([tok.decode(ids), tok.tool_parser is tp.parse_tool_call, err,\n"
+        "  getattr(dense, 'toy_dequantized', False)]))",
+        args=[str(toy_ckpts / "declared"), str(toy_ckpts / "refused")],
+    )
+    assert out[0] == "<s> user: hello assistant:" and out[1] is True
+    assert "'refused.weight': the toy refuses this tensor" in out[2]
+    assert str(toy_ckpts / "refused" / "model.safetensors") in out[2]
+    assert out[3] is True
 
 
 @pytest.mark.compat

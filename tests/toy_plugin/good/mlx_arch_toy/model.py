@@ -1,6 +1,9 @@
 """Toy language model: token embedding -> residual MLP blocks -> RMSNorm -> logits.
 
-Each position sees only its own token, so generation needs no cache.
+Each position sees only its own token, so generation needs no cache. Besides stock
+mlx-lm's model-file contract it declares what the plugin host reads from an
+architecture (see ``mlx_arch_plugins.host.plugins``): tokenizer defaults, a cache class
+prompt-cache files may name, and the checkpoint / convert hooks.
 """
 
 from dataclasses import dataclass
@@ -8,6 +11,25 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
+from mlx_lm.models.cache import KVCache
+
+from mlx_arch_plugins.host.errors import CheckpointError
+
+# The chat template and tool parser of this architecture's checkpoints.
+TOKENIZER_DEFAULTS = {"chat_template_type": "toy_chat", "tool_parser_type": "toy_tools"}
+
+
+class ToyCache(KVCache):
+    """A cache class stock mlx-lm does not know: load_prompt_cache must find it."""
+
+
+CACHE_CLASSES = (ToyCache,)
+
+
+def convert_dequantize(model):
+    """Called after stock dequantize_model (mlx_lm.convert -d)."""
+    model.toy_dequantized = True
+    return model
 
 
 @dataclass
@@ -53,6 +75,8 @@ class Model(nn.Module):
 
     def sanitize(self, weights):
         # Checkpoints may carry a stale rotary table and, when tied, a copy of the head.
+        if "refused.weight" in weights:  # the host adds the shard file to the message
+            raise CheckpointError("refused.weight", "the toy refuses this tensor")
         weights = {k: v for k, v in weights.items() if "rotary_emb" not in k}
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
