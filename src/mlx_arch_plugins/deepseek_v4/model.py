@@ -742,26 +742,14 @@ class DeepseekV4Attention(nn.Module):
         win = cache.window
         keys = kv if win is None else mx.concatenate([win, kv], 1)
         W0 = 0 if win is None else win.shape[1]
-        kpos = mx.arange(T - W0, T + L)
-        qpos = mx.arange(T, T + L)
-        mask = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - self.window)
-        mask = mx.broadcast_to(mask, (B, L, keys.shape[1]))
-
         sinks = self._sinks(q.dtype)
         N = self._update_compressed(proj, T, cache) if self.ratio else 0
         if self.ratio == 4 and N > self.indexer.topk:
             o = self._sparse(q, keys, W0, T, proj, cache, sinks)
         else:
-            if N:
-                # every visible entry is attended (HCA, or CSA whose
-                # visible entries all fit in the top-k)
-                seen = mx.arange(N)[None] < ((qpos + 1) // self.ratio)[:, None]
-                keys = mx.concatenate([keys, cache.comp], 1)
-                mask = mx.concatenate([mask, mx.broadcast_to(seen, (B, L, N))], 2)
-            o = mx.fast.scaled_dot_product_attention(
-                q, keys[:, None], keys[:, None], scale=self.scale,
-                mask=mask[:, None], sinks=sinks,
-            )
+            # every visible entry is attended (HCA, or CSA whose visible entries all
+            # fit in the top-k)
+            o = self._dense(q, keys, W0, T, cache.comp if N else None, sinks)
         o = self._rope(o, T, inverse=True).transpose(0, 2, 1, 3)
         cache.push_window(kv)
         cache.offset = T + L
@@ -808,8 +796,43 @@ class DeepseekV4Attention(nn.Module):
             cache.append_entries(self._round_kv(new), new_idx)
         return cache.n_comp
 
-    # Bound on the elements of one block's gathered keys / indexer products.
+    # Bound on the elements of one query block's scores / gathered keys / indexer
+    # products (prefill activations stay bounded at any context length).
     _BLOCK_ELEMS = 1 << 26
+
+    def _query_block(self, L: int, width: int) -> int:
+        """Queries per block when each query scores ``width`` keys in every head."""
+        return max(1, min(L, self._BLOCK_ELEMS // max(1, self.n_heads * width)))
+
+    def _dense(self, q, keys, W0, T, comp, sinks):
+        """Causal window attention (plus every visible compressed entry in ``comp``)
+        for queries at positions [T, T+L), in blocks of queries. Each block takes only
+        the window rows its queries can see, so no score buffer grows with L x keys
+        (head_dim 512 has no fused attention kernel: scores are materialised)."""
+        B, H, L, hd = q.shape
+        win, m = self.window, self.ratio
+        N = 0 if comp is None else comp.shape[1]
+        bq = self._query_block(L, min(L, win) + win + N)
+        outs = []
+        for a in range(0, L, bq):
+            n = min(bq, L - a)
+            lo, hi = max(0, a + W0 - win + 1), a + n + W0  # window rows seen by the block
+            kpos = mx.arange(T - W0 + lo, T - W0 + hi)
+            qpos = mx.arange(T + a, T + a + n)
+            mask = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - win)
+            kk = keys[:, lo:hi]
+            if N:
+                seen = mx.arange(N)[None] < ((qpos + 1) // m)[:, None]
+                kk = mx.concatenate([kk, comp], 1)
+                mask = mx.concatenate([mask, seen], 1)
+            mask = mx.broadcast_to(mask, (B, n, kk.shape[1]))[:, None]
+            qq = q[:, :, a : a + n] if n < L else q
+            outs.append(
+                mx.fast.scaled_dot_product_attention(
+                    qq, kk[:, None], kk[:, None], scale=self.scale, mask=mask, sinks=sinks
+                )
+            )
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, 2)
 
     def _sparse(self, q, keys, W0, T, proj, cache, sinks):
         """CSA with the indexer's top-k: each query attends to its own window
