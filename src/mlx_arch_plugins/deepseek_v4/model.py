@@ -986,6 +986,67 @@ def _experts(layer, x, idx, sorted_indices):
     )
 
 
+# Routed experts at prefill sizes: MLX's quantized gather (gather_qmm) is tuned for few
+# rows per expert. Where a backend's gather_qmm is measured slower than dequantizing the
+# experts and running gather_mm in half precision, and at least this many routed rows
+# (tokens x top-k) go through a layer, the experts are dequantized a chunk at a time.
+# Only backends with a measurement are listed (benchmarks/RESULTS.md, "Prefill"); Metal
+# and the CPU keep gather_qmm. MLX_ARCH_PLUGINS_DEQUANT_ROWS overrides (0: never).
+DEQUANT_ROWS = {"cuda": 4096}
+_DEQUANT_CHUNK_BYTES = 256 << 20  # bound on one chunk's dequantized weights
+
+
+def _backend() -> str:
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else "gpu"
+
+
+def _dequant_rows() -> Optional[int]:
+    value = os.environ.get("MLX_ARCH_PLUGINS_DEQUANT_ROWS")
+    if value is not None:
+        rows = int(value)
+        return rows if rows > 0 else None
+    return DEQUANT_ROWS.get(_backend())
+
+
+def _dequantizable(layer) -> bool:
+    return "scales" in layer and "bias" not in layer and getattr(layer, "global_scale", None) is None
+
+
+def _experts_dequantized(layer, x, idx, counts):
+    """``layer(x, idx)`` for rows sorted by expert (``counts[e]`` rows of expert e, in
+    order): each chunk of experts is dequantized to the activations' dtype and its
+    contiguous rows go through gather_mm. Nothing larger than one chunk's weights is
+    ever dequantized."""
+    E, out_dims = layer["weight"].shape[:2]
+    in_dims = x.shape[-1]
+    dtype = mx.float32 if mx.default_device() == mx.cpu else x.dtype  # CPU gather_mm: fp32
+    per_expert = out_dims * in_dims * dtype.size
+    step = max(1, _DEQUANT_CHUNK_BYTES // per_expert)
+    outs, start = [], 0
+    for e0 in range(0, E, step):
+        e1 = min(E, e0 + step)
+        stop = start + sum(counts[e0:e1])
+        if stop == start:
+            continue
+        w = mx.dequantize(
+            layer["weight"][e0:e1], layer["scales"][e0:e1],
+            None if layer.get("biases") is None else layer["biases"][e0:e1],
+            layer.group_size, layer.bits, mode=layer.mode, dtype=dtype,
+        )
+        y = mx.gather_mm(
+            x[start:stop].astype(dtype), w.swapaxes(-1, -2),
+            rhs_indices=idx[start:stop] - e0, sorted_indices=True,
+        )
+        outs.append(y.astype(x.dtype))
+        start = stop
+    return mx.concatenate(outs, 0) if len(outs) > 1 else outs[0]
+
+
 class SwitchClippedGLU(nn.Module):
     """Routed experts: clipped SwiGLU, routing weight applied before
     ``down_proj`` as in the reference."""
@@ -1010,13 +1071,19 @@ class SwitchClippedGLU(nn.Module):
             x = x.flatten(0, -3)[order // k]
             idx = indices.flatten()[order]
             w = weights.flatten()[order][:, None, None]
+        project = functools.partial(_experts, sorted_indices=do_sort)
+        threshold = _dequant_rows() if do_sort else None
+        if threshold is not None and idx.size >= threshold and _dequantizable(self.gate_proj):
+            # one host read per layer: where each expert's rows start
+            counts = np.bincount(np.array(idx), minlength=self.gate_proj["weight"].shape[0])
+            project = functools.partial(_experts_dequantized, counts=counts.tolist())
         h = _weighted_swiglu(
-            _experts(self.gate_proj, x, idx, do_sort),
-            _experts(self.up_proj, x, idx, do_sort),
+            project(self.gate_proj, x, idx),
+            project(self.up_proj, x, idx),
             w,
             self.limit,
         )
-        y = _experts(self.down_proj, h, idx, do_sort)
+        y = project(self.down_proj, h, idx)
         if do_sort:
             y = _scatter_unsort(y, inv, indices.shape)
         return y.squeeze(-2)
