@@ -56,8 +56,7 @@ MX_GROUP = 32
 
 def is_official(weights: Dict[str, mx.array]) -> bool:
     return any(
-        k.startswith(("layers.", "embed.", "mtp.", "head.")) or k in TOP_LEVEL
-        for k in weights
+        k.startswith(("layers.", "embed.", "mtp.", "head.")) or k in TOP_LEVEL for k in weights
     )
 
 
@@ -89,7 +88,7 @@ def _fp8_to_mxfp8(name, w, s, out_dim, in_dim):
     grid = (-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK))
     if s.shape != grid or s.dtype != mx.uint8:
         raise CheckpointError(
-            name[: -len("weight")] + "scale",
+            _scale_key(name),
             f"expected E8M0 block scales of shape {grid} (one per "
             f"{FP8_BLOCK}x{FP8_BLOCK} block), found {s.dtype} {tuple(s.shape)}",
         )
@@ -111,7 +110,7 @@ def _fp4_to_mxfp4(name, w, s, out_dim, in_dim):
     want = (out_dim, in_dim // MX_GROUP)
     if s.shape != want or s.dtype != mx.uint8:
         raise CheckpointError(
-            name[: -len("weight")] + "scale",
+            _scale_key(name),
             f"expected E8M0 scales of shape {want} (one per 32 inputs), "
             f"found {s.dtype} {tuple(s.shape)}",
         )
@@ -138,105 +137,154 @@ def _logical_shapes(model) -> Dict[str, Tuple[int, ...]]:
     return {k: v.shape for k, v in tree_flatten(model.parameters())}
 
 
+def _scale_key(weight_key: str) -> Optional[str]:
+    """The official E8M0 scale beside ``X.weight`` is ``X.scale``."""
+    if not weight_key.endswith(".weight"):
+        return None
+    return weight_key[: -len("weight")] + "scale"
+
+
+def _weight_key(scale_key: str) -> str:
+    return scale_key[: -len("scale")] + "weight"
+
+
+def _needs_scales(key: str, w: mx.array) -> CheckpointError:
+    """FP8/FP4 codes arrived without the scale that gives them a value."""
+    return CheckpointError(
+        _scale_key(key) or key,
+        f"missing: {key} holds {w.dtype} FP8/FP4 codes that need their E8M0 scales",
+    )
+
+
+def _is_codes(w: mx.array) -> bool:
+    return w.dtype in (mx.uint8, mx.int8)
+
+
+class _Official:
+    """State of one official-layout conversion: the model's logical shapes,
+    the renamed tensors (``out``), routed experts waiting to be stacked and
+    the bits of every layer that arrived packed."""
+
+    def __init__(self, model, weights):
+        self.args = model.args
+        self.weights = weights
+        self.shapes = _logical_shapes(model)
+        self.qcfg = getattr(self.args, "quantization_config", None) or {}
+        self.keep_mtp = _has_mtp(weights) and self.args.num_nextn_predict_layers > 0
+        self.out: Dict[str, mx.array] = {}
+        self.experts: Dict[str, Dict[int, Tuple[str, mx.array, Optional[mx.array]]]] = {}
+        self.quant_bits: Dict[str, int] = {}
+
+
+def _has_mtp(weights) -> bool:
+    return any(k.startswith(("mtp.", "model.mtp.")) for k in weights)
+
+
 def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    args = model.args
-    has_mtp = any(k.startswith(("mtp.", "model.mtp.")) for k in weights)
-    if not has_mtp:
+    if not _has_mtp(weights):
         # Conversions usually drop the MTP block; the model then has none.
         model.model.mtp = []
     if not is_official(weights):
         return _sanitize_mlx(model, weights)
 
-    shapes = _logical_shapes(model)
-    qcfg = getattr(args, "quantization_config", None) or {}
-    out: Dict[str, mx.array] = {}
-    experts: Dict[str, Dict[str, Dict[int, Tuple[str, mx.array]]]] = {}
-    quant_bits: Dict[str, int] = {}
+    st = _Official(model, weights)
+    for key, (new, slot) in _renamed(weights).items():
+        _place(st, key, new, slot)
+    _stack_experts(st)
+    _check_complete(st)
 
+    model._official_packed = bool(st.quant_bits)
+    _quantize_packed(model, st.out)
+    return st.out
+
+
+# -- phase 1: names ------------------------------------------------------------
+
+
+def _renamed(weights):
+    """Official key -> (MLX name, expert slot); ``.scale`` keys travel with
+    their weight, so they only need that weight to exist."""
     names = {}
     for key in weights:
         if key.endswith(".scale"):
-            weight_key = key[: -len("scale")] + "weight"
-            if weight_key not in weights:
+            if _weight_key(key) not in weights:
                 raise CheckpointError(
-                    weight_key, "missing from the checkpoint (its .scale is there)"
+                    _weight_key(key), "missing from the checkpoint (its .scale is there)"
                 )
-            continue  # consumed with its weight
+            continue
         names[key] = _rename(key)
+    return names
 
-    keep_mtp = has_mtp and args.num_nextn_predict_layers > 0
-    for key, (new, slot) in names.items():
-        w = weights[key]
-        target = slot[0] + ".weight" if slot is not None else new
-        if target not in shapes:
-            if target.startswith("model.mtp.") and not keep_mtp:
-                continue  # MTP weights of a config without MTP layers
-            raise CheckpointError(
-                key, f"unexpected tensor: this config's model has no {target!r}"
-            )
-        if slot is not None:
-            base, e, what, orig = slot
-            s = weights.get(orig[: -len("weight")] + "scale")
-            experts.setdefault(base, {})[e] = (orig, w, s)
-            continue
-        want = shapes[new]
-        scale_key = key[: -len("weight")] + "scale" if key.endswith(".weight") else None
-        if scale_key is not None and scale_key in weights:
-            base = new[: -len(".weight")]
-            out_dim, in_dim = (want[0] * want[1], want[2]) if len(want) == 3 else want
-            wq, sc, bits = _fp8_to_mxfp8(key, w, weights[scale_key], out_dim, in_dim)
-            if len(want) == 3:  # grouped wo_a: [G, o_lora, in]
-                wq = wq.reshape(want[0], want[1], -1)
-                sc = sc.reshape(want[0], want[1], -1)
-            out[new], out[base + ".scales"] = wq, sc
-            quant_bits[base] = bits
-            continue
-        if w.dtype in (mx.uint8, mx.int8) and len(want) >= 2:
-            raise CheckpointError(
-                key[: -len("weight")] + "scale" if key.endswith(".weight") else key,
-                f"missing: {key} holds {w.dtype} FP8/FP4 codes that need their "
-                "E8M0 scales",
-            )
-        if len(want) == 3 and w.ndim == 2 and w.size == math.prod(want):
-            w = w.reshape(want)  # grouped wo_a stored flat
-        if tuple(w.shape) != tuple(want):
-            raise CheckpointError(
-                key, f"expected shape {tuple(want)}, found {tuple(w.shape)}"
-            )
-        if new.endswith("tid2eid"):
-            w = w.astype(mx.int32)
-        if new.endswith("ffn.gate.weight"):
-            w = w.astype(mx.float32)
-        out[new] = w
 
-    expert_fp4 = (getattr(args, "expert_dtype", None) or qcfg.get("expert_dtype")) == "fp4"
-    for base, slots in experts.items():
-        n = args.n_routed_experts
+# -- phase 2: one tensor each ----------------------------------------------------
+
+
+def _place(st: _Official, key, new, slot):
+    """Put one official tensor where the model wants it (experts are only
+    collected here; they are stacked once all have been seen)."""
+    w = st.weights[key]
+    target = slot[0] + ".weight" if slot is not None else new
+    if target not in st.shapes:
+        if target.startswith("model.mtp.") and not st.keep_mtp:
+            return  # MTP weights of a config without MTP layers
+        raise CheckpointError(key, f"unexpected tensor: this config's model has no {target!r}")
+    if slot is not None:
+        base, e, _, orig = slot
+        st.experts.setdefault(base, {})[e] = (orig, w, st.weights.get(_scale_key(orig)))
+        return
+    want = st.shapes[new]
+    scale_key = _scale_key(key)
+    if scale_key in st.weights:
+        _place_fp8(st, key, new, want, st.weights[scale_key])
+        return
+    if _is_codes(w) and len(want) >= 2:
+        raise _needs_scales(key, w)
+    if len(want) == 3 and w.ndim == 2 and w.size == math.prod(want):
+        w = w.reshape(want)  # grouped wo_a stored flat
+    if tuple(w.shape) != tuple(want):
+        raise CheckpointError(key, f"expected shape {tuple(want)}, found {tuple(w.shape)}")
+    if new.endswith("tid2eid"):
+        w = w.astype(mx.int32)
+    if new.endswith("ffn.gate.weight"):
+        w = w.astype(mx.float32)
+    st.out[new] = w
+
+
+def _place_fp8(st: _Official, key, new, want, scale):
+    """A dense FP8 weight and its block scales as one ``mxfp8`` layer."""
+    base = new[: -len(".weight")]
+    out_dim, in_dim = (want[0] * want[1], want[2]) if len(want) == 3 else want
+    wq, sc, bits = _fp8_to_mxfp8(key, st.weights[key], scale, out_dim, in_dim)
+    if len(want) == 3:  # grouped wo_a: [G, o_lora, in]
+        wq = wq.reshape(want[0], want[1], -1)
+        sc = sc.reshape(want[0], want[1], -1)
+    st.out[new], st.out[base + ".scales"] = wq, sc
+    st.quant_bits[base] = bits
+
+
+# -- phase 3: routed experts -------------------------------------------------------
+
+
+def _stack_experts(st: _Official):
+    """One SwitchLinear per projection: every expert present, all packed
+    the same way, as the config's ``expert_dtype`` says."""
+    qcfg = st.qcfg
+    expert_fp4 = (getattr(st.args, "expert_dtype", None) or qcfg.get("expert_dtype")) == "fp4"
+    n = st.args.n_routed_experts
+    for base, slots in st.experts.items():
         missing = [e for e in range(n) if e not in slots]
         if missing:
             proj = base.rsplit(".", 1)[1]
             raise CheckpointError(
                 f"{base.replace('model.', '', 1).replace('switch_mlp', 'experts')}",
-                f"{len(missing)} of {n} experts missing for {proj} "
-                f"(first: expert {missing[0]})",
+                f"{len(missing)} of {n} experts missing for {proj} (first: expert {missing[0]})",
             )
-        want = shapes[base + ".weight"]  # [E, out, in]
-        out_dim, in_dim = want[1], want[2]
+        _, out_dim, in_dim = st.shapes[base + ".weight"]  # [E, out, in]
         ws, ss = [], []
         for e in range(n):
             orig, w, s = slots[e]
             if s is None:
-                if w.dtype in (mx.uint8, mx.int8):
-                    raise CheckpointError(
-                        orig[: -len("weight")] + "scale",
-                        f"missing: {orig} holds {w.dtype} FP8/FP4 codes that need "
-                        "their E8M0 scales",
-                    )
-                if w.shape != (out_dim, in_dim):
-                    raise CheckpointError(
-                        orig, f"expected shape ({out_dim}, {in_dim}), found {tuple(w.shape)}"
-                    )
-                ws.append(w)
+                ws.append(_plain_expert(orig, w, out_dim, in_dim))
                 continue
             if w.dtype == mx.int8 or w.shape[-1] * 2 == in_dim:
                 wq, sc, bits = _fp4_to_mxfp4(orig, w, s, out_dim, in_dim)
@@ -244,8 +292,8 @@ def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]
                 wq, sc, bits = _fp8_to_mxfp8(orig, w, s, out_dim, in_dim)
             ws.append(wq)
             ss.append(sc)
-            quant_bits[base] = bits
-        if ss and quant_bits[base] == 8 and expert_fp4:
+            st.quant_bits[base] = bits
+        if ss and st.quant_bits[base] == 8 and expert_fp4:
             raise CheckpointError(
                 slots[0][0], "config says expert_dtype fp4 but the experts are FP8"
             )
@@ -253,21 +301,33 @@ def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]
             raise CheckpointError(
                 slots[0][0], "config says expert_dtype fp4 but the expert has no scale"
             )
-        out[base + ".weight"] = mx.stack(ws)
+        st.out[base + ".weight"] = mx.stack(ws)
         if ss:
-            out[base + ".scales"] = mx.stack(ss)
+            st.out[base + ".scales"] = mx.stack(ss)
 
-    if qcfg.get("quant_method") == "fp8" and not quant_bits:
+
+def _plain_expert(orig, w, out_dim, in_dim):
+    if _is_codes(w):
+        raise _needs_scales(orig, w)
+    if w.shape != (out_dim, in_dim):
+        raise CheckpointError(orig, f"expected shape ({out_dim}, {in_dim}), found {tuple(w.shape)}")
+    return w
+
+
+# -- phase 4: nothing missing ----------------------------------------------------------
+
+
+def _check_complete(st: _Official):
+    if st.qcfg.get("quant_method") == "fp8" and not st.quant_bits:
         raise CheckpointError(
             "layers.0.attn.wq_a.weight",
             "config.json has an FP8 quantization_config but no tensor has a .scale",
         )
-
-    missing = [k for k in shapes if k not in out]
+    missing = [k for k in st.shapes if k not in st.out]
     if missing and _distributed():
         # Pipelined hosts may hold only the files of their own layers: a
         # block with no tensor at all belongs to another host.
-        present = {_block(k) for k in out}
+        present = {_block(k) for k in st.out}
         missing = [k for k in missing if _block(k) is None or _block(k) in present]
     if missing:
         raise CheckpointError(
@@ -275,10 +335,6 @@ def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]
             f"missing from the checkpoint ({len(missing)} model parameter(s) "
             f"have no tensor; first shown)",
         )
-
-    model._official_packed = bool(quant_bits)
-    _quantize_packed(model, out)
-    return out
 
 
 def _packed_params(module, weights, path):
