@@ -10,6 +10,11 @@ Two layouts arrive here:
   layers. Only bytes are re-viewed; no weight is dequantised.
 * MLX-format conversions (``model.layers.N...``, ``lm_head``), which already
   use the module names and mlx-lm's quantization metadata.
+* The mlx-community ``deepseek-ai-DeepSeek-V4-Flash-*bit`` conversions (another
+  converter): DeepSeek's names holding MLX affine triplets (``X.weight`` packed,
+  ``X.scales``, ``X.biases``), routed experts already stacked as
+  ``ffn.experts.w{1,2,3}.*`` and ``attn.wo_a`` cut per output group as
+  ``attn.wo_a.{g}.*``. Renamed (tables below) and then read as an MLX conversion.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..host.errors import CheckpointError
-
 
 # Official top-level names → MLX names.
 TOP_LEVEL = {
@@ -49,6 +53,24 @@ INNER = (
 EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
 EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 PREFIX = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
+
+# mlx-community "deepseek-ai-" layout: names beyond the official ones above.
+COMMUNITY_TOP = {"embed.": "model.embed_tokens.", "head.": "lm_head."}
+COMMUNITY_INNER = tuple(
+    (re.compile(rf"^ffn\.experts\.{w}\."), f"ffn.switch_mlp.{proj}.")
+    for w, proj in EXPERT_PROJ.items()
+)
+# wo_a of output group g (all groups are concatenated along the output rows)
+COMMUNITY_GROUP = re.compile(r"^(.*\.attn\.wo_a)\.(\d+)\.(weight|scales|biases)$")
+QUANT_PARTS = (".scales", ".biases")  # MLX affine; DeepSeek's own scale is ".scale"
+
+LAYOUTS = (
+    "supported layouts: DeepSeek's official one (X.weight FP8/FP4 codes + X.scale E8M0); "
+    "MLX conversions with mlx-lm names (model.layers.N..., switch_mlp, lm_head); "
+    "the mlx-community deepseek-ai-DeepSeek-V4-Flash-* one (official names with "
+    "X.weight/X.scales/X.biases, experts stacked as ffn.experts.w1/w2/w3, "
+    "wo_a split as attn.wo_a.G)"
+)
 
 FP8_BLOCK = 128
 MX_GROUP = 32
@@ -186,6 +208,8 @@ def sanitize_weights(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]
         model.model.mtp = []
     if not is_official(weights):
         return _sanitize_mlx(model, weights)
+    if any(k.endswith(QUANT_PARTS) for k in weights):
+        return _sanitize_mlx(model, _community_to_mlx(model, weights))
 
     st = _Official(model, weights)
     for key, (new, slot) in _renamed(weights).items():
@@ -335,6 +359,91 @@ def _check_complete(st: _Official):
             f"missing from the checkpoint ({len(missing)} model parameter(s) "
             f"have no tensor; first shown)",
         )
+
+
+# -- the mlx-community "deepseek-ai-" layout --------------------------------------
+
+
+def _community_name(key: str) -> str:
+    """MLX name of a key of the community layout (official names, MLX affine
+    parts, stacked experts); ``wo_a`` groups keep their group index here."""
+    for old, new in COMMUNITY_TOP.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    if key in TOP_LEVEL:
+        return TOP_LEVEL[key]
+    m = PREFIX.match(key)
+    if not m:
+        return key
+    kind, idx, rest = m.groups()
+    for pattern, repl in INNER + COMMUNITY_INNER:
+        rest = pattern.sub(repl, rest)
+    return f"model.{kind}.{idx}.{rest}"
+
+
+def _community_to_mlx(model, weights):
+    """Rename to the MLX module tree and join the per-group ``wo_a`` parts, so
+    the result loads like any MLX conversion."""
+    _refuse_mixed(weights)
+    shapes = _logical_shapes(model)
+    out, groups = {}, {}
+    for key, w in weights.items():
+        new = _community_name(key)
+        m = COMMUNITY_GROUP.match(new)
+        if m:
+            base, g, part = m.groups()
+            groups.setdefault(f"{base}.{part}", {})[int(g)] = (key, w)
+            continue
+        _check_community_target(key, new, shapes, weights)
+        out[new] = w
+    for new, parts in groups.items():
+        out[new] = _join_groups(new, parts, shapes, weights)
+    return out
+
+
+def _refuse_mixed(weights):
+    """MLX affine parts beside DeepSeek's own E8M0 ``.scale`` tensors: no
+    converter writes that, so no reading of it can be trusted."""
+    fp8 = next((k for k in weights if k.endswith(".scale")), None)
+    if fp8 is not None:
+        key = next(k for k in weights if k.endswith(QUANT_PARTS))
+        key = key.rsplit(".", 1)[0] + ".weight"
+        raise _unknown_layout(key, f"it sits beside DeepSeek's FP8 scales (e.g. {fp8})", weights)
+
+
+def _join_groups(new, parts, shapes, weights):
+    base = new.rsplit(".", 1)[0]
+    want = shapes.get(base + ".weight")
+    first_key = parts[min(parts)][0]
+    if want is None or len(want) != 3:
+        raise _unknown_layout(first_key, f"this model has no grouped {base!r}", weights)
+    missing = [g for g in range(want[0]) if g not in parts]
+    if missing or len(parts) != want[0]:
+        raise _unknown_layout(
+            first_key,
+            f"expected {want[0]} output groups 0..{want[0] - 1}, found {sorted(parts)}",
+            weights,
+        )
+    return mx.concatenate([parts[g][1] for g in range(want[0])], axis=0)
+
+
+def _check_community_target(key, new, shapes, weights):
+    base = new.rsplit(".", 1)[0] + ".weight" if new.endswith(QUANT_PARTS) else new
+    if base in shapes or new.startswith("model.mtp."):
+        return  # (MTP tensors are kept or dropped as for any MLX conversion)
+    raise _unknown_layout(key, f"this model has no {base!r}", weights)
+
+
+def _unknown_layout(key, reason, weights=None):
+    """A tensor of an official-named checkpoint that fits none of the known
+    layouts; says so, and whether it came quantized."""
+    stem = key.rsplit(".", 1)[0]
+    parts = [stem + p for p in QUANT_PARTS if weights is None or stem + p in weights]
+    if parts:
+        what = f"{stem} arrives quantized ({' / '.join(parts)}, MLX affine) in a layout"
+    else:
+        what = "unexpected tensor in a layout"
+    return CheckpointError(key, f"{what} this loader does not know: {reason}; {LAYOUTS}")
 
 
 def _packed_params(module, weights, path):
