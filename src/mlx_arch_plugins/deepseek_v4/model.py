@@ -197,7 +197,15 @@ def _pow2_scale(amax: mx.array, recip: mx.array) -> mx.array:
     s = amax * recip
     bits = s.view(mx.uint32)
     e = _exponent(s) + ((bits & 0x7FFFFF) != 0).astype(mx.int32)
-    return mx.power(mx.array(2.0, dtype=mx.float32), e.astype(mx.float32))
+    return _exp2(e)
+
+
+def _exp2(e: mx.array) -> mx.array:
+    """2**e for int32 ``e``, exactly, from the exponent bits: Metal's ``pow``
+    need not be exact for integer exponents. Normal range [-126, 127]; 128
+    (an infinite or NaN amax) gives inf, as ``pow`` does."""
+    e = mx.clip(e, -126, 128)
+    return ((e + 127).astype(mx.uint32) << 23).view(mx.float32)
 
 
 def _round_to_e2m1(q: mx.array) -> mx.array:
@@ -324,8 +332,9 @@ class DeepseekV4RoPE:
             self._freqs[key] = mx.array(pad + f, dtype=mx.float32)
         return self._freqs[key]
 
-    def __call__(self, x, offset: int, inverse: bool = False, stride: int = 1):
-        """Rotate ``x`` [..., L, head_dim] at positions stride*(offset + i)."""
+    def __call__(self, x, offset, inverse: bool = False, stride: int = 1):
+        """Rotate ``x`` [B, ..., L, head_dim] at positions stride*(offset + i);
+        ``offset`` is an int or an array of one offset per sequence."""
         d = x.shape[-1]
         return mx.fast.rope(
             x,
@@ -333,9 +342,21 @@ class DeepseekV4RoPE:
             traditional=True,
             base=None,
             scale=1.0,
-            offset=offset,
+            offset=batch_offset(offset, x.shape[0]),
             freqs=self.freqs(d, stride, inverse),
         )
+
+
+def batch_offset(offset, batch: int):
+    """An int offset as an array of ``batch`` equal offsets when batch > 1.
+
+    mlx 0.31's Metal kernel for a single position (L == 1) ignores the batch
+    dimension when the offset is an int, leaving sequences 2..B unrotated
+    (fixed in mlx 0.32.0). An array offset takes the per-sequence path; on
+    CPU both give the same bits."""
+    if batch == 1 or isinstance(offset, mx.array):
+        return offset
+    return mx.array([offset] * batch, dtype=mx.int32)  # plain data: fine in any thread
 
 
 # ----------------------------------------------------------------------------
@@ -528,6 +549,48 @@ class Compressor(nn.Module):
         return entries, rows_kv, rows_sc
 
 
+# Two-stage top-k for the CSA indexer (off by default; see topk_indices).
+TOPK_CHUNK_ENV = "MLX_ARCH_PLUGINS_TOPK_CHUNK"
+
+
+def _topk_chunk() -> int:
+    try:
+        return int(os.environ.get(TOPK_CHUNK_ENV, "0"))
+    except ValueError:
+        return 0
+
+
+def topk_indices(score: mx.array, k: int, chunk: Optional[int] = None) -> mx.array:
+    """Indices of the ``k`` largest scores along the last axis (in no order).
+
+    ``argpartition`` is a full sort on Metal and CUDA, and the indexer ranks
+    n/4 entries per query (32K at 128K context). With a ``chunk`` (argument,
+    else ``MLX_ARCH_PLUGINS_TOPK_CHUNK``; 0 = off, the default) larger than
+    ``k`` and shorter than the row, each chunk's top ``k`` is found first and
+    then the top ``k`` of those candidates: the same set for distinct scores,
+    since an entry of the overall top k is in its own chunk's top k.
+    benchmarks/topk_probe.py measures whether it pays."""
+    chunk = _topk_chunk() if chunk is None else chunk
+    n = score.shape[-1]
+    if chunk <= k or n <= chunk:
+        return mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]
+    return _top_k_two_stage(score, k, chunk)
+
+
+def _top_k_two_stage(score, k, chunk):
+    n, lead = score.shape[-1], score.shape[:-1]
+    nb = n // chunk
+    full = nb * chunk
+    blocks = score[..., :full].reshape(*lead, nb, chunk)
+    part = mx.argpartition(-blocks, kth=k - 1, axis=-1)[..., :k]  # [..., nb, k]
+    cand = (part + mx.arange(0, full, chunk, dtype=mx.uint32)[:, None]).reshape(*lead, nb * k)
+    if full < n:  # the short last chunk: all of it is a candidate (no padding to pick)
+        tail = mx.broadcast_to(mx.arange(full, n, dtype=mx.uint32), (*lead, n - full))
+        cand = mx.concatenate([cand, tail], axis=-1)
+    best = mx.argpartition(-mx.take_along_axis(score, cand, axis=-1), kth=k - 1, axis=-1)
+    return mx.take_along_axis(cand, best[..., :k], axis=-1)
+
+
 class Indexer(nn.Module):
     """Scores compressed entries for CSA and keeps the top ``index_topk``."""
 
@@ -581,9 +644,6 @@ def memoised(owner, name: str, anchors: tuple, key, build):
     return value
 
 
-def topk_indices(score: mx.array, k: int) -> mx.array:
-    """Indices of the ``k`` largest scores along the last axis (in no order)."""
-    return mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]
 
 
 def row_offsets(B: int, cap: int, ndim: int) -> mx.array:
