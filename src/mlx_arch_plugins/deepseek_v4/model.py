@@ -49,6 +49,14 @@ def chat_template_defaults(model_path) -> dict:
     return {"encoder_release": release} if release is not None else {}
 
 
+def selftest(report):
+    """Declared for ``mlx-arch-plugins doctor --selftest``: runs a tiny shipped
+    checkpoint against DeepSeek's reference logits (see selftest.py)."""
+    from .selftest import selftest as run
+
+    run(report)
+
+
 SUPPORTED_RATIOS = (0, 4, 128)
 _REQUIRED = (
     "vocab_size",

@@ -37,6 +37,12 @@ def _parser():
         "doctor", help="show whether the plugin host works here, and why"
     )
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.add_argument(
+        "--selftest",
+        action="store_true",
+        help="also run each architecture's self-check on this machine's default device "
+        "(a tiny shipped checkpoint against reference logits); exit 1 if one fails",
+    )
     for name, (module, text) in DELEGATED.items():
         sub.add_parser(name, help=f"{text} (options: {name} --help)", add_help=False)
     return parser
@@ -72,7 +78,7 @@ def main(argv=None):
     if args.command == "doctor":
         from . import doctor
 
-        return doctor.main(as_json=args.json)
+        return doctor.main(as_json=args.json, selftest=args.selftest)
     _parser().print_help()
     return 2
 

@@ -7,6 +7,7 @@ import sys
 from importlib import metadata
 
 from . import hook as _hook
+from . import plugins as _plugins
 
 SCHEMA = 1
 STARTUP_FILES = ("mlx_arch_plugins.pth", "mlx_arch_plugins.start")
@@ -138,9 +139,7 @@ def _print_text(report):
         print(f"start-up file: {f['path']}{'' if f['exists'] else ' (MISSING)'}")
     if not host["startup_files"]:
         print("start-up file: none found (package not installed with pip?)")
-    versions = ", ".join(
-        f"{k} {v or 'not installed'}" for k, v in report["versions"].items()
-    )
+    versions = ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items())
     print(f"versions: {versions}")
     mlx = report["mlx"]
     if mlx["error"]:
@@ -157,10 +156,70 @@ def _print_text(report):
             print(f"              {e['detail']}")
 
 
-def main(as_json=False):
+def run_selftests():
+    """Each registered architecture's own self-check, on the default device.
+
+    An architecture declares one as a module-level ``selftest(report)`` in its model
+    module (see ``host.plugins``); it calls ``report(check, ok, detail)`` once per check.
+    Returns one dict per check; ``ok`` is False for a failed check or an exception, and
+    None for an architecture whose module does not import (skipped here: the entries
+    say why, and it is not this machine's arithmetic). Architectures this environment
+    does not serve (host off, not allowed, stock name) are left out."""
+    results = []
+    for name in _plugins.model_types():
+
+        def report(check, ok, detail="", _name=name):
+            ok = None if ok is None else bool(ok)
+            results.append(
+                {"architecture": _name, "check": str(check), "ok": ok, "detail": str(detail)}
+            )
+
+        try:
+            module = _plugins.module_for(name)
+        except Exception as e:
+            report("skipped, does not import", None, f"{type(e).__name__}: {e}")
+            continue
+        selftest = _plugins.declared(module, "selftest")
+        if not callable(selftest):
+            continue  # not served here, or declares none
+        try:
+            selftest(report)
+        except Exception as e:
+            report("selftest raised", False, f"{type(e).__name__}: {e}")
+    return results
+
+
+_VERDICT = {True: "PASS", False: "FAIL", None: "SKIP"}
+
+
+def selftests_failed(results) -> bool:
+    return any(r["ok"] is False for r in results)
+
+
+def _print_selftests(results, mlx):
+    print(f"selftest on {mlx.get('default_device')} ({mlx.get('backend')}):")
+    ran = [r for r in results if r["ok"] is not None]
+    if not ran:
+        print("  no importable architecture declares a selftest")
+    for r in results:
+        print(f"  {_VERDICT[r['ok']]}  {r['architecture']}: {r['check']}: {r['detail']}")
+    if ran:
+        verdict = "FAILED" if selftests_failed(results) else "all passed"
+        print(f"selftest: {verdict}. Please report the lines above (with the versions) at the")
+        print("project's issue tracker, especially from a Mac: it is how we learn what Metal")
+        print("computes.")
+
+
+def main(as_json=False, selftest=False):
     report = collect()
+    if selftest:
+        report["selftest"] = run_selftests()
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         _print_text(report)
+        if selftest:
+            _print_selftests(report["selftest"], report["mlx"])
+    if selftest and selftests_failed(report["selftest"]):
+        return 1
     return 0

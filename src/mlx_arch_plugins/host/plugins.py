@@ -23,8 +23,9 @@ contract (``ModelArgs``, ``Model``) it may declare, at module level:
     Run before stock ``quantize_model`` (``mlx_lm.convert -q``).
 ``TINY_BUILDER``
     Name of a module that writes tiny random checkpoints (``make-tiny``, ``demo``).
-``selftest(out) -> bool``
-    ``mlx-arch-plugins doctor --selftest``: checks this machine computes the right thing.
+``selftest(report)``
+    ``mlx-arch-plugins doctor --selftest``: checks this machine computes the right thing,
+    calling ``report(check, ok, detail)`` once per check (an exception is a failed check).
 
 Everything here is optional; a plugin that declares nothing gets stock behaviour.
 """
