@@ -149,14 +149,19 @@ def test_left_padding_prepare(model, tokens):
         np.testing.assert_allclose(np.array(logits[b, -1]), want, atol=2e-4, rtol=0)
 
 
-def test_trim_is_refused(model, tokens):
+def test_trim_beyond_the_bound_is_refused(model, tokens):
+    from mlx_arch_plugins.deepseek_v4.cache import TRIM_BOUND
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
     cache = make_prompt_cache(model)
     model(mx.array([tokens[:50]]), cache=cache)
-    assert not can_trim_prompt_cache(cache)
-    assert trim_prompt_cache(cache, 5) == 0
+    assert can_trim_prompt_cache(cache)
+    assert all(c.max_trim() == TRIM_BOUND for c in cache)
+    with pytest.raises(ValueError, match="at most its last 16 tokens"):
+        trim_prompt_cache(cache, TRIM_BOUND + 1)
     assert all(c.offset == 50 for c in cache)
+    assert trim_prompt_cache(cache, 5) == 5
+    assert all(c.offset == 45 and c.max_trim() == TRIM_BOUND - 5 for c in cache)
 
 
 def test_nbytes_is_window_plus_compressed():

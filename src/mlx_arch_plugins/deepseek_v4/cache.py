@@ -44,9 +44,53 @@ _GROW_STEP = 256
 # Stands for a missing array in ``state`` (mlx 0.31 cannot save 0-size arrays).
 _ABSENT = mx.array([0.0])  # data, not a lazy op: usable from any thread
 
+# How many of the last tokens ``trim`` can undo exactly (speculative decoding
+# trims at most the draft length; prompt-cache reuse a short tail). Undo keeps
+# references to earlier arrays, not copies, so the bound costs no compute.
+TRIM_BOUND = 16
+
+# Fields of a single cache that change as tokens arrive (entries only grow,
+# so ``n_comp`` is enough to undo them).
+_UNDO_FIELDS = ("window", "comp_kv", "comp_score", "index_kv", "index_score", "n_comp")
+
+
+def pending_start(end: int, ratio: int) -> int:
+    """First position of the rows a compressor keeps after ``end`` tokens: its
+    unfinished block, plus the previous whole block when blocks overlap."""
+    last = end // ratio
+    if ratio == 4 and last > 0:
+        return (last - 1) * ratio
+    return last * ratio
+
+
+class _Undo:
+    """What one call of a layer on ``L`` tokens at position ``T`` replaced.
+
+    ``before`` holds the cache's fields as they were at ``T`` (references).
+    A chunk (``L > 1``) also keeps the rows it fed: its raw KV rows from
+    index ``kv0`` on, and per compressor the float32 rows from position
+    ``start`` on, so that any position inside the chunk can be rebuilt.
+    """
+
+    __slots__ = ("T", "L", "before", "kv", "kv0", "rows")
+
+    def __init__(self, T: int, L: int, before: dict):
+        self.T, self.L, self.before = T, L, before
+        self.kv, self.kv0, self.rows = None, 0, {}
+
+    def fields(self) -> dict:
+        return self.before
+
 
 def _nbytes(a: Optional[mx.array]) -> int:
     return 0 if a is None else a.nbytes
+
+
+def _tail(a: mx.array, k: int, own: bool) -> mx.array:
+    """``a[:, k:]``; with ``own`` a copy, so that an undo record of a long
+    prefill chunk does not keep the chunk's whole buffer alive."""
+    t = a[:, k:] if k else a
+    return mx.contiguous(t) if own and k else t
 
 
 class DeepseekV4Cache(_BaseCache):
@@ -62,6 +106,7 @@ class DeepseekV4Cache(_BaseCache):
         self.n_comp = 0
         self.comp_kv = self.comp_score = None
         self.index_kv = self.index_score = None
+        self._undo: List[_Undo] = []  # newest last; see checkpoint()
 
     # -- compressed entries live in buffers that grow in steps, so appending
     # one entry every few tokens does not copy the whole history each time.
@@ -96,8 +141,109 @@ class DeepseekV4Cache(_BaseCache):
 
     def push_window(self, kv: mx.array):
         """Keep the last ``sliding_window`` raw KV rows."""
+        rec = self._open_chunk()
+        if rec is not None:  # the rows a trim into this chunk will need
+            rec.kv0 = max(0, rec.L - TRIM_BOUND - self.sliding_window)
+            rec.kv = _tail(kv, rec.kv0, rec.L > TRIM_BOUND)
         rows = kv if self.window is None else mx.concatenate([self.window, kv], 1)
         self.window = rows[:, -self.sliding_window :]
+
+    # -- exact undo of the last tokens ---------------------------------------
+    def checkpoint(self, L: int):
+        """Remember the state before the next ``L`` tokens (called by the
+        layer before it feeds them), so ``trim`` can come back to any
+        position of the last ``TRIM_BOUND`` tokens."""
+        end = self.offset + L
+        undo = [r for r in self._undo if r.T + r.L > end - TRIM_BOUND]
+        undo.append(_Undo(self.offset, L, {f: getattr(self, f) for f in _UNDO_FIELDS}))
+        self._undo = undo
+
+    def _open_chunk(self) -> Optional[_Undo]:
+        r = self._undo[-1] if self._undo else None
+        return r if r is not None and r.L > 1 and r.T == self.offset else None
+
+    def keep_rows(self, name: str, kv: mx.array, score: mx.array, end: int):
+        """Pending rows of compressor ``name`` ("comp" or "index") after a
+        chunk ending at ``end``, given all rows the chunk saw (``kv``/``score``
+        end at ``end``). The chunk's undo record keeps what a trim needs."""
+        start = end - kv.shape[1]
+        rec = self._open_chunk()
+        if rec is not None:
+            lo = max(start, pending_start(max(rec.T, end - TRIM_BOUND), self.compress_ratio))
+            own = rec.L > TRIM_BOUND
+            rec.rows[name] = (_tail(kv, lo - start, own), _tail(score, lo - start, own), lo)
+        keep = max(pending_start(end, self.compress_ratio), start)
+        if keep >= end:
+            return None, None
+        return kv[:, keep - start :], score[:, keep - start :]
+
+    def max_trim(self) -> int:
+        """How many of the last tokens ``trim`` can undo now."""
+        floor = self.offset  # every position in [floor, offset] is reachable
+        for r in reversed(self._undo):
+            if r.T + r.L < floor:
+                break
+            # a record reaches its start and, inside, the positions whose
+            # rows it kept (all of them unless it is a long prefill chunk)
+            low = r.T + max(1, r.L - TRIM_BOUND)
+            if low > floor:
+                break
+            floor = r.T if low == r.T + 1 else low
+            if low != r.T + 1:
+                break
+        return min(TRIM_BOUND, self.offset - floor)
+
+    def _state_at(self, t: int) -> dict:
+        """The fields as they were right after position ``t - 1``."""
+        for rec in reversed(self._undo):
+            if rec.T <= t:
+                break
+        fields = dict(rec.fields())
+        j = t - rec.T
+        if j == 0:
+            return fields
+        # inside a chunk: rebuild from the rows it kept
+        W = self.sliding_window
+        new = rec.kv[:, : j - rec.kv0]
+        win = fields["window"]
+        rows = new if win is None or rec.kv0 else mx.concatenate([win, new], 1)
+        fields["window"] = rows[:, -W:]
+        m = self.compress_ratio
+        if m:
+            fields["n_comp"] += t // m - rec.T // m
+            for name in ("comp", "index"):
+                if name not in rec.rows:
+                    continue
+                kv, sc, lo = rec.rows[name]
+                keep = pending_start(t, m)
+                got = (kv[:, keep - lo : t - lo], sc[:, keep - lo : t - lo])
+                if keep >= t:
+                    got = (None, None)
+                fields[f"{name}_kv"], fields[f"{name}_score"] = got
+        return fields
+
+    def is_trimmable(self):
+        # Exact for the last ``max_trim()`` tokens (at most TRIM_BOUND);
+        # ``trim`` refuses more with the reason.
+        return True
+
+    def trim(self, n):
+        """Undo the last ``n`` tokens exactly (``n <= max_trim()``)."""
+        n = min(self.offset, n)
+        if n <= 0:
+            return 0
+        if n > self.max_trim():
+            raise ValueError(
+                f"DeepseekV4Cache can undo at most its last {self.max_trim()} tokens "
+                f"(bound {TRIM_BOUND}; earlier raw KV rows and compressor rows are "
+                f"pooled away), not {n}; recompute from a shorter prefix instead."
+            )
+        t = self.offset - n
+        for f, v in self._state_at(t).items():
+            setattr(self, f, v)
+        self.offset = t
+        self._undo = [r for r in self._undo if r.T < t]
+        return n
 
     # -- mlx-lm cache protocol -------------------------------------------------
     # ``state`` holds arrays only (0.31.x saves nothing else): the three
@@ -125,6 +271,7 @@ class DeepseekV4Cache(_BaseCache):
         self.n_comp = 0 if self._comp is None else self._comp.shape[1]
         self.comp_kv, self.comp_score = arrays["comp_kv"], arrays["comp_score"]
         self.index_kv, self.index_score = arrays["index_kv"], arrays["index_score"]
+        self._undo = []  # history is not saved: a loaded cache trims nothing
 
     @property
     def meta_state(self):
@@ -150,14 +297,6 @@ class DeepseekV4Cache(_BaseCache):
     def nbytes(self):
         return sum(_nbytes(getattr(self, f)) for f in _ARRAY_FIELDS)
 
-    def is_trimmable(self):
-        # Rewinding would need raw KV that left the window and compressor rows
-        # that were pooled away; refuse so callers recompute instead.
-        return False
-
-    def trim(self, n):
-        return 0
-
     def copy(self) -> "DeepseekV4Cache":
         """An independent cache with the same content."""
         new = copy.copy(self)
@@ -165,6 +304,7 @@ class DeepseekV4Cache(_BaseCache):
         # growth buffers never show in the other.
         new._comp = self.comp
         new._index = self.index
+        new._undo = list(self._undo)  # records are never changed in place
         return new
 
     @classmethod
@@ -330,10 +470,21 @@ class BatchDeepseekV4Cache(_BaseCache):
         return sum(c.nbytes for c in self.caches)
 
     def is_trimmable(self):
-        return False
+        return True
+
+    def max_trim(self) -> int:
+        """How many of the last tokens every sequence can undo now."""
+        if self._packed is not None:
+            return len(self._packed._undo)
+        return min((c.max_trim() for c in self._caches), default=0)
 
     def trim(self, n):
-        return 0
+        """Undo the last ``n`` tokens of every sequence (as mlx-lm's batch
+        caches do), exactly; more than ``max_trim()`` is refused."""
+        if self._packed is not None:
+            return self._packed.trim(n)
+        done = [c.trim(n) for c in self._caches]
+        return max(done, default=0)
 
 
 def _pad_rows(a: Optional[mx.array], rows: int, like: mx.array, left: bool = False):
@@ -373,6 +524,32 @@ class PackedDecodeState:
         self.window = self.comp = self.index = None
         self.rings = {}  # "comp" / "index" -> (kv ring, score ring)
         self.dims = {}
+        self._undo: List[tuple] = []  # snapshots before the last steps
+
+    # -- exact undo of the last steps ---------------------------------------
+    def _snapshot(self) -> tuple:
+        # references only; entry buffers are not needed: entries are written
+        # at slot n (or scratch), so restoring n undoes them
+        return (self.offsets, self.n, self.window, dict(self.rings))
+
+    def checkpoint(self):
+        """Remember the state before a decode step (the layer calls this)."""
+        self._undo = self._undo[-(TRIM_BOUND - 1) :] + [self._snapshot()]
+
+    def trim(self, k: int) -> int:
+        """Undo the last ``k`` decode steps of every sequence."""
+        if k > len(self._undo):
+            raise ValueError(
+                f"packed DeepSeek-V4 batch can undo at most its last "
+                f"{len(self._undo)} steps (bound {TRIM_BOUND}), not {k}"
+            )
+        if k <= 0:
+            return 0
+        snap = self._undo[-k]
+        self.offsets, self.n, self.window, rings = snap
+        self.rings = dict(rings)
+        self._undo = self._undo[:-k]
+        return k
 
     # -- building ---------------------------------------------------------
     @classmethod
@@ -428,6 +605,7 @@ class PackedDecodeState:
     # -- batch bookkeeping ------------------------------------------------
     def filter(self, idx: List[int]):
         sel = mx.array(idx, dtype=mx.int32)
+        self._undo = []  # the batch changed: its history no longer lines up
         self.offsets = [self.offsets[i] for i in idx]
         self.n = [self.n[i] for i in idx]
         for name in ("window", "comp", "index"):
@@ -438,6 +616,7 @@ class PackedDecodeState:
 
     def extend(self, caches: Sequence[DeepseekV4Cache]):
         other = PackedDecodeState.pack(caches, **self.dims)
+        self._undo = []  # the batch changed: its history no longer lines up
         cap = max(self.cap, other.cap)
         self.grow(cap)
         other.grow(cap)
@@ -474,26 +653,35 @@ class PackedDecodeState:
     # -- back to per-sequence caches ------------------------------------------
     def unpack(self) -> List[DeepseekV4Cache]:
         W, m = self.dims["window"], self.dims["ratio"]
+        snap = self._snapshot()
         out = []
         for b, T in enumerate(self.offsets):
             c = DeepseekV4Cache(W, m)
             c.offset = T
-            r = min(T, W)
-            c.window = self.window[b : b + 1, W - r :] if r else None
-            if m:
-                n = self.n[b]
-                c.n_comp = n
-                if n:
-                    c._comp = self.comp[b : b + 1]
-                    if self.index is not None:
-                        c._index = self.index[b : b + 1]
-                c.comp_kv, c.comp_score = self._unpack_ring("comp", b, T)
-                if "index" in self.rings:
-                    c.index_kv, c.index_score = self._unpack_ring("index", b, T)
+            for f, v in self._fields(b, snap).items():
+                setattr(c, f, v)
+            if m and c.n_comp:
+                c._comp = self.comp[b : b + 1]
+                if self.index is not None:
+                    c._index = self.index[b : b + 1]
+            # the steps of this state stay undoable (rebuilt only if trimmed)
+            c._undo = [_PackedUndo(self, s, b) for s in self._undo]
             out.append(c)
         return out
 
-    def _unpack_ring(self, name, b, T):
+    def _fields(self, b: int, snap: tuple) -> dict:
+        """Sequence ``b``'s ``_UNDO_FIELDS`` in snapshot ``snap``."""
+        offsets, n, window, rings = snap
+        W, m, T = self.dims["window"], self.dims["ratio"], offsets[b]
+        r = min(T, W)
+        f = {"window": window[b : b + 1, W - r :] if r else None}
+        f["n_comp"] = n[b] if m else 0
+        for name in ("comp", "index"):
+            got = self._unpack_ring(rings[name], b, T) if name in rings else (None, None)
+            f[f"{name}_kv"], f[f"{name}_score"] = got
+        return f
+
+    def _unpack_ring(self, ring, b, T):
         # rows a per-sequence compressor keeps: its partial block, plus the
         # previous whole block when blocks overlap
         m, R = self.dims["ratio"], self._ring_size()
@@ -503,5 +691,19 @@ class PackedDecodeState:
         if T == keep:
             return None, None
         slots = mx.array([p % R for p in range(keep, T)])
-        kv, sc = self.rings[name]
+        kv, sc = ring
         return kv[b : b + 1, slots], sc[b : b + 1, slots]
+
+
+class _PackedUndo(_Undo):
+    """Undo record of one packed decode step, for one sequence: its fields
+    are cut out of the packed snapshot only when a trim needs them."""
+
+    __slots__ = ("state", "snap", "b")
+
+    def __init__(self, state: PackedDecodeState, snap: tuple, b: int):
+        super().__init__(snap[0][b], 1, None)
+        self.state, self.snap, self.b = state, snap, b
+
+    def fields(self) -> dict:
+        return self.state._fields(self.b, self.snap)

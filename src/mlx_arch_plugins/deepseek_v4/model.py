@@ -501,14 +501,14 @@ class Compressor(nn.Module):
     def project(self, x):
         return self.wkv(x), self.wgate(x)
 
-    def __call__(self, proj, offset: int, kv_rows, score_rows):
+    def __call__(self, proj, offset: int, kv_rows, score_rows, keep_all: bool = False):
         """Feed tokens at positions [offset, offset+L), given their
         ``project`` outputs.
 
         ``kv_rows``/``score_rows`` hold the pending rows from earlier calls
         (positions [start, offset)). Returns the new entries (normalised,
-        RoPE'd, not yet rounded), their first block index and the new
-        pending rows.
+        RoPE'd, not yet rounded) and the new pending rows; with ``keep_all``
+        every row seen, pooled or not (the cache keeps what an undo needs).
         """
         m, d = self.ratio, self.dim
         kv, score = proj
@@ -551,7 +551,7 @@ class Compressor(nn.Module):
             # entry k sits at position k*m: stride-m rotation from block index
             entries = self._rope(entries, first, stride=m)
         keep = (last - 1) * m if (self.overlap and last > 0) else last * m
-        keep = max(keep, start)
+        keep = max(keep, start) if not keep_all else start
         rows_kv = kv[:, keep - start :] if end > keep else None
         rows_sc = score[:, keep - start :] if end > keep else None
         return entries, rows_kv, rows_sc
@@ -801,6 +801,7 @@ class DeepseekV4Attention(nn.Module):
         """Attention for tokens at positions [T, T+L) of one aligned batch."""
         B, L = q.shape[:2]
         T = cache.offset
+        cache.checkpoint(L)  # references only: lets trim() undo these tokens
         q = self._rope(q.transpose(0, 2, 1, 3), T)  # [B, H, L, hd]
         kv = self._round_kv(self._rope(kv, T))  # [B, L, hd]
         if L == 1:
@@ -850,13 +851,21 @@ class DeepseekV4Attention(nn.Module):
 
     def _update_compressed(self, proj, T, cache: DeepseekV4Cache) -> int:
         """Feed the compressors; append completed entries; return their count."""
-        new, cache.comp_kv, cache.comp_score = self.compressor(
-            (proj["ckv"], proj["cgate"]), T, cache.comp_kv, cache.comp_score
+        # a chunk hands all its rows to the cache, which keeps the pending
+        # ones plus what trim() needs to stop inside the chunk
+        chunk = proj["ckv"].shape[1] > 1
+        end = T + proj["ckv"].shape[1]
+        new, kv, sc = self.compressor(
+            (proj["ckv"], proj["cgate"]), T, cache.comp_kv, cache.comp_score, chunk
         )
+        cache.comp_kv, cache.comp_score = cache.keep_rows("comp", kv, sc, end) if chunk else (kv, sc)
         new_idx = None
         if self.ratio == 4:
-            new_idx, cache.index_kv, cache.index_score = self.indexer.compressor(
-                (proj["ikv"], proj["igate"]), T, cache.index_kv, cache.index_score
+            new_idx, kv, sc = self.indexer.compressor(
+                (proj["ikv"], proj["igate"]), T, cache.index_kv, cache.index_score, chunk
+            )
+            cache.index_kv, cache.index_score = (
+                cache.keep_rows("index", kv, sc, end) if chunk else (kv, sc)
             )
             if new_idx is not None:
                 new_idx = self.indexer.rotate(new_idx)

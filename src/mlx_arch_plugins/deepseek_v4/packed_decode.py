@@ -120,6 +120,7 @@ def decode(attn, q, kv, proj, cache):
     """Attention output [B, 1, H, hd] of one packed decode step of ``attn``
     (a ``DeepseekV4Attention``); advances the packed state."""
     st = _state(attn, cache, kv.dtype)
+    st.checkpoint()  # references only: lets trim() undo this step
     m = attn.ratio
     if m:
         need = max(st.offsets) // m + 2  # newest block's slot + scratch
