@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache  # noqa: I001 (first: the plugin registers its caches there)
 from mlx_arch_plugins.deepseek_v4.cache import TRIM_BOUND, DeepseekV4Cache
 
 pytestmark = pytest.mark.compat
@@ -24,27 +24,27 @@ def _tiny_model():
     from mlx_arch_plugins.deepseek_v4.model import Model, ModelArgs
 
     args = ModelArgs.from_dict(
-        dict(
-            model_type="deepseek_v4",
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            head_dim=64,
-            qk_rope_head_dim=64,
-            q_lora_rank=16,
-            o_lora_rank=16,
-            o_groups=2,
-            sliding_window=WINDOW,
-            compress_ratios=[0, 4, 128],
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            index_n_heads=2,
-            index_head_dim=64,
-            index_topk=3,
-            hc_sinkhorn_iters=3,
-        )
+        {
+            "model_type": "deepseek_v4",
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "head_dim": 64,
+            "qk_rope_head_dim": 64,
+            "q_lora_rank": 16,
+            "o_lora_rank": 16,
+            "o_groups": 2,
+            "sliding_window": WINDOW,
+            "compress_ratios": [0, 4, 128],
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "index_n_heads": 2,
+            "index_head_dim": 64,
+            "index_topk": 3,
+            "hc_sinkhorn_iters": 3,
+        }
     )
     model = Model(args)
     # random everything (zeros in hc/ape/sinks would hide mistakes)

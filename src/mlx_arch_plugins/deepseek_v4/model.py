@@ -858,7 +858,9 @@ class DeepseekV4Attention(nn.Module):
         new, kv, sc = self.compressor(
             (proj["ckv"], proj["cgate"]), T, cache.comp_kv, cache.comp_score, chunk
         )
-        cache.comp_kv, cache.comp_score = cache.keep_rows("comp", kv, sc, end) if chunk else (kv, sc)
+        cache.comp_kv, cache.comp_score = (
+            cache.keep_rows("comp", kv, sc, end) if chunk else (kv, sc)
+        )
         new_idx = None
         if self.ratio == 4:
             new_idx, kv, sc = self.indexer.compressor(
