@@ -1358,11 +1358,16 @@ class Model(nn.Module):
     def mtp_logits(self, hidden, next_ids, cache=None, index: int = 0):
         """Logits of MTP block ``index`` on the main model's final state
         ``hidden`` [B, L, hc, D] and the following tokens ``next_ids``."""
+        return self.mtp_forward(hidden, next_ids, cache, index)[0]
+
+    def mtp_forward(self, hidden, next_ids, cache=None, index: int = 0):
+        """MTP block logits and its output state (which, in place of the
+        main model's, chains the drafts after the first)."""
         blk = self.model.mtp[index]
         e = blk.enorm(self.model.embed_tokens(next_ids))
         x = blk.e_proj(e)[:, :, None] + blk.h_proj(blk.hnorm(hidden))
         h = DeepseekV4Block.__call__(blk, x, cache, next_ids)
-        return self.lm_head(blk.norm(blk.hc_head(h)))
+        return self.lm_head(blk.norm(blk.hc_head(h))), h
 
     @property
     def layers(self):
@@ -1398,3 +1403,13 @@ class Model(nn.Module):
         from .checkpoint import sanitize_weights
 
         return sanitize_weights(self, weights)
+
+
+def make_draft_model(model: Model, name: str, main_path: Optional[str] = None):
+    """The draft object for ``--draft-model name`` (the host's load patch asks
+    the main model's module): the checkpoint's own MTP block, sharing every
+    weight, for ``mtp`` or the main model's own path; None for anything else
+    (a separate draft model then loads as usual)."""
+    from .speculative import make_mtp_draft
+
+    return make_mtp_draft(model, name, main_path)

@@ -1,0 +1,332 @@
+"""Speculative decoding of DeepSeek-V4 with the checkpoint's own MTP block.
+
+The MTP block at position t reads the main model's final hyper-connection
+state h_t and the token x_{t+1} and predicts x_{t+2}. A decode step:
+
+1. draft k tokens with the MTP block: the first from the real h of the last
+   accepted position, the next ones chained on the MTP block's own output
+   state (no second model, no copy of any weight);
+2. verify them with one main-model forward of k+1 tokens;
+3. accept by the standard rule (greedy: exact match; sampling: accept d with
+   probability min(1, p(d)/q(d)), else draw from the residual max(0, p-q)),
+   so the output distribution is the main model's;
+4. undo the rejected tokens in the main cache and the chained (approximate)
+   positions in the MTP cache (``DeepseekV4Cache.trim``), then feed the MTP
+   block the accepted positions with their real h at the next draft.
+
+``MTPDraft`` is the object ``--draft-model mtp`` gives stock mlx-lm; stock
+``speculative_generate_step`` hands it the work through its
+``speculative_generate_step`` method (see host/patches/speculative.py).
+``MLX_ARCH_PLUGINS_MTP=0`` turns drafting off (plain decode, same tokens).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from .cache import TRIM_BOUND, DeepseekV4Cache
+
+ENV_SWITCH = "MLX_ARCH_PLUGINS_MTP"
+KEYWORD = "mtp"
+MAX_DRAFT = TRIM_BOUND - 1  # the caches undo at most TRIM_BOUND tokens
+
+
+def drafting_enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+class MTPDraft:
+    """A draft 'model' that is the main model's MTP block: it holds the main
+    model (shared weights) and makes the MTP block's cache."""
+
+    def __init__(self, model, index: int = 0):
+        if not getattr(model.model, "mtp", None):
+            raise ValueError(
+                "this DeepSeek-V4 checkpoint has no MTP block (num_nextn_predict_layers: 0); "
+                "use a separate --draft-model"
+            )
+        self.model = model
+        self.index = index
+
+    @property
+    def layers(self):
+        return [self.model.model.mtp[self.index]]
+
+    def make_cache(self):
+        a = self.model.args
+        ratio = a.compress_ratios[a.num_hidden_layers + self.index]
+        return [DeepseekV4Cache(a.sliding_window, ratio)]
+
+    def speculative_generate_step(self, prompt, model, draft_model=None, stream=None, **kw):
+        """What stock ``speculative_generate_step`` runs for this draft."""
+        if model is not self.model:
+            raise ValueError("an MTP draft drafts only for the model it was made from")
+        gen = mtp_generate_step(prompt, model, self, **kw)
+        if stream is None:
+            return gen
+        return _on_stream(gen, stream)
+
+
+def _on_stream(gen, stream):
+    # each step of the generator runs on ``stream`` (as stock's does)
+    while True:
+        with mx.stream(stream):
+            try:
+                item = next(gen)
+            except StopIteration:
+                return
+        yield item
+
+
+def make_mtp_draft(model, name: str, main_path: str | None = None):
+    """The draft object for ``--draft-model name``: the MTP block for the
+    keyword ``mtp`` or the main model's own path; None otherwise."""
+    if name != KEYWORD and (main_path is None or str(name) != str(main_path)):
+        return None
+    return MTPDraft(model)
+
+
+# -- sampling -------------------------------------------------------------------
+
+
+def _is_greedy(sampler) -> bool:
+    return sampler is None or getattr(sampler, "__name__", "") == "greedy_sampler"
+
+
+def target_probs(sampler) -> Callable[[mx.array], mx.array] | None:
+    """logprobs -> the distribution ``sampler`` draws from, for mlx-lm's
+    ``make_sampler`` samplers with fixed filters (temperature, top-p, min-p,
+    top-k); None when that is not known (XTC is random; custom samplers)."""
+    code = getattr(sampler, "__code__", None)
+    if code is None or set(code.co_freevars) != {"sampling_methods", "temp"}:
+        return None
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in sampler.__closure__)))
+    methods, temp = cells["sampling_methods"], cells["temp"]
+    if any("apply_xtc" in getattr(m, "__code__", code).co_names for m in methods):
+        return None
+
+    def probs(logprobs):
+        for m in methods:
+            logprobs = m(logprobs)
+        return mx.softmax(logprobs / temp, axis=-1, precise=True)
+
+    return probs
+
+
+def accept_sampled(p: mx.array, q: mx.array, drafts: list[int], key=None):
+    """Speculative-sampling acceptance. ``p`` [k+1, V]: target distributions
+    after the accepted prefix, ``q`` [k, V]: the draft distributions the
+    ``drafts`` were drawn from. Returns (accepted count n, next token): draft
+    i is kept with probability min(1, p_i(d)/q_i(d)); the first rejected one
+    is replaced by a draw from max(0, p_i - q_i) (normalised); when all are
+    kept the next token is drawn from p_k."""
+    k = len(drafts)
+    keys = mx.random.split(key, 2) if key is not None else (None, None)
+    if k:
+        idx = mx.array(drafts)[:, None]
+        pd = mx.take_along_axis(p[:k], idx, axis=-1)[:, 0]
+        qd = mx.take_along_axis(q, idx, axis=-1)[:, 0]
+        u = mx.random.uniform(shape=(k,), key=keys[0])
+        ok = (u * qd <= pd).tolist()
+        n = ok.index(False) if False in ok else k
+    else:
+        n = 0
+    if n < k:
+        rest = mx.maximum(p[n] - q[n], 0)
+        dist = rest / rest.sum()
+    else:
+        dist = p[k]
+    tok = mx.random.categorical(mx.log(dist), key=keys[1])
+    return n, int(tok.item())
+
+
+# -- the decode loop --------------------------------------------------------------
+
+
+def _main_forward(model, ids, cache):
+    """Logits and final hyper-connection states of the main model."""
+    h = model.model.hidden(ids, cache)
+    return (_tail(model, h) if ids.shape == (1, 1) else model._tail(h)), h
+
+
+def _tail(model, h):
+    from .model import _compile_enabled
+
+    return model._compiled_tail()(h) if _compile_enabled() else model._tail(h)
+
+
+def _align(cache: DeepseekV4Cache, start: int, like: DeepseekV4Cache) -> DeepseekV4Cache:
+    """The MTP cache for positions from ``start``: the given one when it
+    lines up, else an empty one placed there (its positions before ``start``
+    had no main-model states to pair with; only draft quality suffers)."""
+    if cache.offset == start:
+        return cache
+    fresh = DeepseekV4Cache(like.sliding_window, like.compress_ratio)
+    fresh.offset = start
+    return fresh
+
+
+def mtp_generate_step(
+    prompt: mx.array,
+    model,
+    draft: MTPDraft,
+    *,
+    num_draft_tokens: int = 2,
+    max_tokens: int = 256,
+    sampler=None,
+    logits_processors=None,
+    prompt_cache=None,
+    prefill_step_size: int = 512,
+    **_unused,  # kv_bits etc.: DeepSeek-V4 caches are not quantized
+):
+    """Yields (token, logprobs, from_draft) like stock
+    ``speculative_generate_step``, drafting with the MTP block."""
+    n_main = len(model.layers)
+    if prompt_cache is None:
+        prompt_cache = model.make_cache() + draft.make_cache()
+    main_cache = prompt_cache[:n_main]
+    if not drafting_enabled() or num_draft_tokens <= 0:
+        yield from _plain(
+            prompt, model, main_cache, max_tokens, sampler, logits_processors, prefill_step_size
+        )
+        return
+    k_max = min(int(num_draft_tokens), MAX_DRAFT)
+    mtp_model = draft.make_cache()[0]
+    if len(prompt_cache) > n_main:
+        mtp_model = prompt_cache[n_main]
+    greedy = _is_greedy(sampler)
+    probs = None if greedy else target_probs(sampler)
+    pick = (lambda lp: mx.argmax(lp, axis=-1)) if greedy else sampler
+    history = prompt.astype(mx.uint32) if logits_processors else None
+
+    def process(logits, toks):
+        # logits [L, V] of positions whose inputs end with ``toks``; returns
+        # logprobs per position (processors see the tokens before each)
+        nonlocal history
+        if not logits_processors:
+            return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        out, hist = [], history
+        for i in range(logits.shape[0]):
+            if i:
+                hist = mx.concatenate([hist, toks[i - 1 : i]])
+            lg = logits[i : i + 1]
+            for proc in logits_processors:
+                lg = proc(hist, lg)
+            out.append(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
+        return mx.concatenate(out, 0)
+
+    # prefill: main model in chunks; the MTP block gets (h_t, x_{t+1}) pairs
+    y = prompt.astype(mx.uint32)
+    P = y.size
+    start = main_cache[0].offset
+    mtp = _align(mtp_model, start, mtp_model)
+    hs = None
+    for a in range(0, P, prefill_step_size):
+        ids = y[a : a + prefill_step_size]
+        hs = model.model.hidden(ids[None], main_cache)
+        pairs = y[a + 1 : a + 1 + ids.size]  # next tokens known in the prompt
+        if pairs.size:
+            model.mtp_logits(hs[:, : pairs.size], pairs[None], mtp)
+        mx.eval([c.state for c in main_cache] + [mtp.state])
+    lp = process(model._tail(hs[:, -1:])[0], y[-1:])
+    tok = pick(lp)[0]
+    mx.eval(tok)
+    pending_h, pending_t = hs[:, -1:], [int(tok.item())]
+    ntoks = 0
+    if len(prompt_cache) > n_main:
+        prompt_cache[n_main] = mtp  # a reused prompt cache keeps the lined-up one
+    try:
+        ntoks += 1
+        if history is not None:
+            history = mx.concatenate([history, mx.array(pending_t, mx.uint32)])
+        yield pending_t[0], lp[0], False
+        while ntoks < max_tokens or max_tokens < 0:
+            left = max_tokens - ntoks if max_tokens >= 0 else k_max + 1
+            k = max(0, min(k_max, left - 1))
+            drafts, q, g = _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
+            y = mx.array([pending_t[-1]] + drafts, mx.uint32)
+            logits, hs = _main_forward(model, y[None], main_cache)
+            lp = process(logits[0], y)
+            n, nxt = _accept(lp, q, drafts, greedy, probs, pick)
+            # undo what was not kept: rejected tokens, chained MTP positions
+            if k - n:
+                for c in main_cache:
+                    c.trim(k - n)
+            if k > 1:
+                mtp.trim(k - 1)
+            pending_h, pending_t = hs[:, : n + 1], drafts[:n] + [nxt]
+            out = drafts[:n] + [nxt]
+            for i, t in enumerate(out):
+                ntoks += 1
+                if history is not None:
+                    history = mx.concatenate([history, mx.array([t], mx.uint32)])
+                yield t, lp[i], i < n
+                if ntoks == max_tokens:
+                    return
+    finally:
+        # the MTP block catches up with the accepted positions, so a reused
+        # prompt cache continues with both caches lined up
+        if pending_t:
+            model.mtp_logits(pending_h, mx.array([pending_t], mx.uint32), mtp)
+            mx.eval(mtp.state)
+
+
+def _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick):
+    """k draft tokens (and, when sampling with known distributions, the
+    draft distributions they were drawn from)."""
+    drafts, qs = [], []
+    if k == 0:
+        # nothing to draft: still feed the MTP block its real pairs
+        model.mtp_logits(pending_h, mx.array([pending_t], mx.uint32), mtp)
+        return drafts, None, None
+    h, ids = pending_h, mx.array([pending_t], mx.uint32)
+    for _ in range(k):
+        logits, g = _mtp_forward(model, h, ids, mtp)
+        lg = logits[0, -1:]
+        if probs is not None:
+            qd = probs(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
+            d = mx.random.categorical(mx.log(qd))
+            qs.append(qd)
+        else:
+            d = pick(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
+        drafts.append(int(d.item()))
+        h, ids = g[:, -1:], mx.array([[drafts[-1]]], mx.uint32)
+    return drafts, (mx.concatenate(qs, 0) if qs else None), g
+
+
+def _mtp_forward(model, hidden, ids, cache):
+    """Logits and output state of the MTP block (its state chains drafts)."""
+    return model.mtp_forward(hidden, ids, cache)
+
+
+def _accept(lp, q, drafts, greedy, probs, pick):
+    """(accepted count, next token) from the verify logprobs ``lp`` [k+1, V]."""
+    k = len(drafts)
+    if q is not None:  # sampling with known distributions
+        return accept_sampled(probs(lp), q, drafts)
+    # greedy, or a sampler whose distribution is unknown: the main model's
+    # own pick at each position; a draft is kept where it agrees (exact in
+    # distribution too: every output token is the main model's draw)
+    picks = pick(lp).tolist()
+    n = 0
+    while n < k and picks[n] == drafts[n]:
+        n += 1
+    return n, picks[n]
+
+
+def _plain(prompt, model, cache, max_tokens, sampler, processors, step):
+    from mlx_lm.generate import generate_step
+
+    for tok, lp in generate_step(
+        prompt,
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=cache,
+        prefill_step_size=step,
+    ):
+        yield (tok.item() if hasattr(tok, "item") else tok), lp, False

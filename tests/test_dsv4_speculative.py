@@ -1,0 +1,288 @@
+"""Speculative decoding of DeepSeek-V4: MTP drafting gives exactly the tokens of
+plain greedy decoding (any k, any acceptance), the sampling rule keeps the
+target distribution, and stock ``--draft-model`` now works (the caches trim)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from dsv4_golden import inputs, load_case
+from mlx_lm.generate import generate_step, speculative_generate_step
+
+from mlx_arch_plugins.deepseek_v4 import speculative as spec
+from mlx_arch_plugins.deepseek_v4.speculative import MTPDraft, accept_sampled, mtp_generate_step
+
+pytestmark = pytest.mark.compat
+
+VOCAB = 64
+
+
+def _random_model(seed, mtp=1, ratios=(0, 4, 128, 4)):
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_arch_plugins.deepseek_v4.model import Model, ModelArgs
+
+    args = ModelArgs.from_dict(
+        {
+            "model_type": "deepseek_v4",
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "head_dim": 64,
+            "qk_rope_head_dim": 64,
+            "q_lora_rank": 16,
+            "o_lora_rank": 16,
+            "o_groups": 2,
+            "sliding_window": 8,
+            "compress_ratios": list(ratios),
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "index_n_heads": 2,
+            "index_head_dim": 64,
+            "index_topk": 3,
+            "hc_sinkhorn_iters": 3,
+            "num_nextn_predict_layers": mtp,
+        }
+    )
+    model = Model(args)
+    keys = iter(mx.random.split(mx.random.key(seed), 600))
+    params = [
+        (k, 0.3 * mx.random.normal(v.shape, key=next(keys)).astype(v.dtype))
+        if mx.issubdtype(v.dtype, mx.floating)
+        else (k, v)
+        for k, v in tree_flatten(model.parameters())
+    ]
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+TINY = _random_model(11)
+
+
+def _plain(model, prompt, n):
+    out = []
+    for (tok, _), _ in zip(generate_step(mx.array(prompt), model, max_tokens=n), range(n)):
+        out.append(int(tok))
+    return out
+
+
+def _mtp(model, prompt, n, k, **kw):
+    got = list(
+        mtp_generate_step(
+            mx.array(prompt), model, MTPDraft(model), num_draft_tokens=k, max_tokens=n, **kw
+        )
+    )
+    return [int(t) for t, _, _ in got], [d for _, _, d in got]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_greedy_identical_golden(k, fmt):
+    model = load_case("a_swa_csa_hash_mtp", fmt)
+    prompt = inputs("a_swa_csa_hash_mtp")[0][:30]  # ends inside a ratio-4 block
+    want = _plain(model, prompt, 40)
+    got, _ = _mtp(model, prompt, 40, k)
+    assert got == want
+
+
+def test_first_drafts_are_the_mtp_blocks_predictions(monkeypatch):
+    """Each step's first draft is what the MTP block predicts, run over the
+    whole final sequence at once (real main-model states, right positions)."""
+    model = load_case("a_swa_csa_hash_mtp", "bf16")
+    prompt = inputs("a_swa_csa_hash_mtp")[0][:30]
+    made = []
+    real = spec._draft
+
+    def spy(model_, mtp, pending_h, pending_t, k, *a):
+        t = mtp.offset + len(pending_t) - 1  # MTP position of the last real pair
+        out = real(model_, mtp, pending_h, pending_t, k, *a)
+        if out[0]:
+            made.append((t, out[0][0]))
+        return out
+
+    monkeypatch.setattr(spec, "_draft", spy)
+    got, _ = _mtp(model, prompt, 30, 2)
+    seq = mx.array([prompt + got])
+    h = model.model.hidden(seq[:, :-1])
+    want = np.array(mx.argmax(model.mtp_logits(h[:, :-1], seq[:, 1:-1]), -1)[0])
+    assert len(made) > 10
+    assert all(d == want[t] for t, d in made)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("plen", [5, 126, 131])
+def test_greedy_identical_tiny(k, plen):
+    """Window, ratio-4 (indexer selecting) and ratio-128 main layers, a
+    ratio-4 MTP layer; prompts ending inside blocks, generations crossing
+    several ratio-4 blocks and the ratio-128 block end."""
+    prompt = mx.random.randint(0, VOCAB, (plen,), key=mx.random.key(plen)).tolist()
+    want = _plain(TINY, prompt, 30)
+    got, _ = _mtp(TINY, prompt, 30, k, prefill_step_size=64)
+    assert got == want
+
+
+def _oracle(monkeypatch, future, wrong=False):
+    """Drafts that are always right (the plain run's next tokens) or always
+    wrong; counts the drafts."""
+    seen = {"drafts": 0}
+    draft = spec._draft
+
+    def fake(model, mtp, pending_h, pending_t, k, greedy, probs, pick):
+        # the MTP block still runs (its cache must stay right); its tokens are replaced
+        real = draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
+        pos = fake.emitted  # tokens produced so far
+        want = future[pos : pos + k]
+        want += [0] * (k - len(want))
+        if wrong:
+            want = [(t + 1) % VOCAB for t in want]
+        seen["drafts"] += k
+        return want, real[1], real[2]
+
+    fake.emitted = 0
+    monkeypatch.setattr(spec, "_draft", fake)
+    return fake, seen
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_oracle_and_always_wrong_drafts(monkeypatch, wrong):
+    prompt = mx.random.randint(0, VOCAB, (37,), key=mx.random.key(5)).tolist()
+    want = _plain(TINY, prompt, 25)
+    fake, seen = _oracle(monkeypatch, want, wrong)
+    got = []
+    drafted = []
+    for t, _, d in mtp_generate_step(
+        mx.array(prompt), TINY, MTPDraft(TINY), num_draft_tokens=3, max_tokens=25
+    ):
+        got.append(int(t))
+        drafted.append(d)
+        fake.emitted = len(got)
+    assert got == want
+    if wrong:
+        assert not any(drafted)
+    else:  # every draft accepted: 3 of every 4 tokens after the first
+        assert sum(drafted) == sum(1 for i in range(1, 25) if i % 4 != 0)
+
+
+def test_switch_turns_drafting_off(monkeypatch):
+    prompt = list(range(20))
+    want = _plain(TINY, prompt, 12)
+    monkeypatch.setenv(spec.ENV_SWITCH, "0")
+    got, drafted = _mtp(TINY, prompt, 12, 3)
+    assert got == want and not any(drafted)
+
+
+def test_sampling_runs_and_caches_line_up():
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(0)
+    prompt = list(range(30))
+    cache = TINY.make_cache() + MTPDraft(TINY).make_cache()
+    got = list(
+        mtp_generate_step(
+            mx.array(prompt),
+            TINY,
+            MTPDraft(TINY),
+            num_draft_tokens=2,
+            max_tokens=20,
+            sampler=make_sampler(temp=0.8, top_p=0.9),
+            prompt_cache=cache,
+        )
+    )
+    assert len(got) == 20
+    # after the run, the MTP cache sits where the next request continues
+    assert cache[-1].offset == cache[0].offset
+
+
+def test_stock_draft_model_works_now():
+    """A separate (here: random tiny) draft model through stock's loop, which
+    trims both caches: same tokens as plain decoding."""
+    draft = _random_model(12, mtp=0, ratios=(4, 128, 0))
+    prompt = mx.random.randint(0, VOCAB, (40,), key=mx.random.key(9)).tolist()
+    want = _plain(TINY, prompt, 24)
+    got = [
+        int(t)
+        for t, _, _ in speculative_generate_step(
+            mx.array(prompt), TINY, draft, num_draft_tokens=3, max_tokens=24
+        )
+    ]
+    assert got == want
+
+
+def test_host_patches_route_mtp_and_load(monkeypatch):
+    import types
+
+    from mlx_arch_plugins.host.patches import speculative as hp
+
+    calls = []
+
+    def fake_load(path, **kw):
+        calls.append(path)
+        return TINY, "tokenizer"
+
+    def stock_spec(prompt, model, draft_model, *a, **kw):
+        return "stock"
+
+    mod = types.SimpleNamespace(load=fake_load, speculative_generate_step=stock_spec)
+    monkeypatch.setattr(hp, "_last", {})
+    load = hp._wrap_load(mod.load)
+    step = hp._wrap_speculative(mod.speculative_generate_step)
+    assert load("main/path") == (TINY, "tokenizer")
+    for name in ("mtp", "main/path"):
+        draft, tok = load(name)
+        assert isinstance(draft, MTPDraft) and draft.model is TINY and tok == "tokenizer"
+    assert calls == ["main/path"]  # no second load, no second copy
+    assert load("other/draft") == (TINY, "tokenizer") and calls[-1] == "other/draft"
+    assert step(None, TINY, object()) == "stock"
+    out = step(mx.array(list(range(9))), TINY, MTPDraft(TINY), None, max_tokens=3)
+    assert len(list(out)) == 3
+
+
+# -- the sampling rule keeps the target distribution -------------------------------
+
+P = np.array([0.05, 0.40, 0.25, 0.20, 0.10])
+Q = np.array([0.30, 0.10, 0.40, 0.10, 0.10])
+DRAWS = 6000
+
+
+def _first_tokens(rule):
+    """First output token of one speculative step (k=1), many times."""
+    rng = np.random.default_rng(0)
+    p = mx.array(np.stack([P, P]), dtype=mx.float32)
+    q = mx.array(Q[None], dtype=mx.float32)
+    counts = np.zeros(len(P))
+    keys = mx.random.split(mx.random.key(1), DRAWS)
+    for i in range(DRAWS):
+        d = int(rng.choice(len(Q), p=Q))
+        n, nxt = rule(p, q, [d], keys[i])
+        counts[d if n == 1 else nxt] += 1
+    return counts
+
+
+def _chi2(counts):
+    expect = P * counts.sum()
+    return float(((counts - expect) ** 2 / expect).sum())
+
+
+CHI2_99_4DOF = 13.28  # chi-square 99th percentile, 4 degrees of freedom
+
+
+def _accept_all(p, q, drafts, key):
+    return 1, 0
+
+
+def _resample_from_p(p, q, drafts, key):
+    # the right acceptance test, but the replacement drawn from p (wrong)
+    n, _ = accept_sampled(p, q, drafts, key)
+    tok = int(mx.random.categorical(mx.log(p[n]), key=mx.random.split(key, 3)[2]).item())
+    return n, tok
+
+
+def test_acceptance_rule_keeps_the_target_distribution():
+    assert _chi2(_first_tokens(accept_sampled)) < CHI2_99_4DOF
+
+
+@pytest.mark.parametrize("broken", [_accept_all, _resample_from_p])
+def test_chi_square_catches_a_broken_rule(broken):
+    assert _chi2(_first_tokens(broken)) > CHI2_99_4DOF
