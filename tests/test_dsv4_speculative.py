@@ -149,7 +149,7 @@ def _oracle(monkeypatch, future, wrong=False):
 def test_oracle_and_always_wrong_drafts(monkeypatch, wrong):
     prompt = mx.random.randint(0, VOCAB, (37,), key=mx.random.key(5)).tolist()
     want = _plain(TINY, prompt, 25)
-    fake, seen = _oracle(monkeypatch, want, wrong)
+    fake, _seen = _oracle(monkeypatch, want, wrong)
     got = []
     drafted = []
     for t, _, d in mtp_generate_step(

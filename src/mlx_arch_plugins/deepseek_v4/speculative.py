@@ -246,7 +246,7 @@ def mtp_generate_step(
         while ntoks < max_tokens or max_tokens < 0:
             left = max_tokens - ntoks if max_tokens >= 0 else k_max + 1
             k = max(0, min(k_max, left - 1))
-            drafts, q, g = _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
+            drafts, q, _g = _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
             y = mx.array([pending_t[-1]] + drafts, mx.uint32)
             logits, hs = _main_forward(model, y[None], main_cache)
             lp = process(logits[0], y)
