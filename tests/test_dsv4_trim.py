@@ -238,3 +238,24 @@ def test_packed_batch_trim_per_sequence():
     assert_same_cache(single, ref)
     with pytest.raises(ValueError):
         trim_prompt_cache(batch, TRIM_BOUND + 1)
+
+
+def test_prompt_cache_reuse_within_and_beyond_the_bound():
+    from mlx_lm.models import cache as cache_module
+
+    from mlx_arch_plugins.host.patches import prompt_cache as pc
+
+    lru = cache_module.LRUPromptCache()
+    fetch = pc._wrap_fetch(cache_module.LRUPromptCache.fetch_nearest_cache)
+    c = make_prompt_cache(MODEL)
+    _feed(c, TOKENS[:60], [])
+    lru.insert_cache("m", TOKENS[:60], c)
+    # within the bound: the longer entry, trimmed exactly
+    got, rest = fetch(lru, "m", TOKENS[:52] + OTHER[:5])
+    assert rest == OTHER[:5] and got[0].offset == 52
+    ref = make_prompt_cache(MODEL)
+    _feed(ref, TOKENS[:52], [])
+    assert_same_cache(got, ref)
+    # beyond it: computed in full rather than an error
+    got, rest = fetch(lru, "m", TOKENS[:20] + OTHER[:5])
+    assert got is None and rest == TOKENS[:20] + OTHER[:5]
