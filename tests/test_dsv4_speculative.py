@@ -5,7 +5,7 @@ target distribution, and stock ``--draft-model`` now works (the caches trim)."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from dsv4_golden import inputs, load_case
+from helpers.dsv4_golden import inputs, load_case
 from mlx_lm.generate import generate_step, speculative_generate_step
 
 from mlx_arch_plugins.deepseek_v4 import speculative as spec
