@@ -21,6 +21,10 @@ contract (``ModelArgs``, ``Model``) it may declare, at module level:
     not know.
 ``convert_quantize(model, config) -> (model, config)``
     Run before stock ``quantize_model`` (``mlx_lm.convert -q``).
+``make_draft_model(model, name, main_path) -> draft or None``
+    A draft model the architecture brings itself (``--draft-model NAME``), e.g. a
+    multi-token-prediction block sharing the main model's weights; the draft object may
+    have its own ``speculative_generate_step``.
 ``TINY_BUILDER``
     Name of a module that writes tiny random checkpoints (``make-tiny``, ``demo``).
 ``selftest(report)``

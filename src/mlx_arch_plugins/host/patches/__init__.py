@@ -5,12 +5,16 @@ The start-up hook calls ``on_import(name, module)`` once for each module it watc
 touches, and changes attributes only through ``patching`` (one record of what was
 replaced; ``undo_all`` restores it all):
 
-* ``cache``: ``mlx_lm.models.cache.load_prompt_cache`` finds plugin cache classes.
+* ``cache``: ``mlx_lm.models.cache.load_prompt_cache`` finds plugin cache classes;
+  ``prompt_cache``: the server's prompt-cache reuse copes with caches that trim a bounded
+  tail only.
 * ``utils``: ``mlx_lm.utils``: the ``mx.load`` shim (``safetensors_shim``), shard files in
   checkpoint errors, load progress (``progress``), convert hooks.
 * ``tokenizer``: ``mlx_lm.tokenizer_utils.load``: plugin chat templates and tool parsers,
   the ``tokenizer.json`` fallback (``tokenizer_fallback``).
 * ``server``: ``mlx_lm.server``: malformed tool-call text is kept as content.
+* ``speculative``: ``mlx_lm.generate`` / ``mlx_lm.server``: draft models an architecture
+  brings itself (``--draft-model``), and its own speculative loop.
 
 Every step is idempotent and a failing step only warns: a user's import never breaks.
 """
@@ -20,26 +24,28 @@ import warnings
 
 from . import patching
 
-# stock module -> the module here whose apply(stock_module) prepares it
+# stock module -> the modules here whose apply(stock_module) prepare it, in order
 STEPS = {
-    "mlx_lm.models.cache": "cache",
-    "mlx_lm.utils": "utils",
-    "mlx_lm.tokenizer_utils": "tokenizer",
-    "mlx_lm.server": "server",
+    "mlx_lm.models.cache": ("cache", "prompt_cache"),
+    "mlx_lm.utils": ("utils",),
+    "mlx_lm.tokenizer_utils": ("tokenizer",),
+    "mlx_lm.generate": ("speculative",),
+    "mlx_lm.server": ("server", "speculative"),
 }
 
 _done = set()
 
 
 def on_import(name, module):
-    step = STEPS.get(name)
-    if step is None or name in _done:
+    steps = STEPS.get(name)
+    if steps is None or name in _done:
         return
     _done.add(name)
-    try:
-        importlib.import_module(f"{__name__}.{step}").apply(module)
-    except Exception as e:  # never break the user's import
-        warnings.warn(f"mlx-arch-plugins: could not prepare {name}: {e}")
+    for step in steps:
+        try:
+            importlib.import_module(f"{__name__}.{step}").apply(module)
+        except Exception as e:  # never break the user's import
+            warnings.warn(f"mlx-arch-plugins: could not prepare {name} ({step}): {e}")
 
 
 def undo_all():

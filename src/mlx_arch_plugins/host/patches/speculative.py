@@ -16,9 +16,9 @@ Two patches, both generic (no architecture is named here):
 
 from __future__ import annotations
 
-import sys
 import weakref
 
+from .. import plugins
 from . import patching
 
 _last = {}  # "model" -> weakref to the last model loaded, "tokenizer", "path"
@@ -29,7 +29,7 @@ def _draft_for(name):
     model = ref() if ref is not None else None
     if model is None:
         return None
-    maker = getattr(sys.modules.get(type(model).__module__), "make_draft_model", None)
+    maker = plugins.declared(plugins.module_of_model(model), "make_draft_model")
     if maker is None:
         return None
     draft = maker(model, str(name), _last.get("path"))
