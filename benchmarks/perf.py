@@ -646,6 +646,7 @@ def main(argv=None):
     src.add_argument("--model", help="mlx-lm model directory")
     src.add_argument("--random", choices=["flash", "small"])
     p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--experts", type=int, help="routed experts (Flash: 256; 64 fits 43 layers)")
     p.add_argument("--kinds", help="compress ratio per layer, e.g. 0,4,128")
     p.add_argument("--format", choices=["official", "affine4"], default="official")
     p.add_argument("--contexts", default="1024,8192,32768,131072")
@@ -668,6 +669,9 @@ def main(argv=None):
     p.add_argument("--json-out")
     o = p.parse_args(argv)
     t_start = time.perf_counter()
+    if o.experts:  # same bytes per token as Flash (6 routed of any number), fewer in memory
+        shapes = FLASH if o.random == "flash" else SMALL
+        shapes.update(n_routed_experts=o.experts, num_experts_per_tok=min(6, o.experts))
 
     info = env_info()
     t0 = time.perf_counter()
@@ -677,6 +681,7 @@ def main(argv=None):
     else:
         model, tok, args = build_random(o.random, o.layers, o.format, o.kinds)
         label = f"random-{o.random}-{o.format}-{o.layers}L"
+        label += f"-{o.experts}E" if o.experts else ""
     info.update(model=label, build_s=round(time.perf_counter() - t0, 2),
                 weights_bytes=sum(a.nbytes for _, a in _flat(model.parameters())),
                 layers=len(model.layers),
