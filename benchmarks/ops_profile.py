@@ -21,13 +21,10 @@ kind). Figures are for reading, not asserted anywhere.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 
 import mlx.core as mx
@@ -35,26 +32,11 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import perf  # noqa: E402
 
-VIEWS = {
-    "Slice", "Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose",
-    "Flatten", "Unflatten", "View", "Split",
-}
-
-
 def emit(kind, **kw):
     print("JSON " + json.dumps({"kind": kind, **kw}), flush=True)
 
 
-def kernel_nodes(outputs):
-    """Primitive counts of the (unevaluated) graph behind ``outputs``."""
-    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
-        mx.export_to_dot(f.name, *outputs)
-        labels = re.findall(r'label ?= ?"([^"]*)"', open(f.name).read())
-    c = collections.Counter(
-        lab.split()[0] for lab in labels if not re.match(r"^[A-Za-z]?\d*$", lab)
-    )
-    work = {k: v for k, v in c.items() if k not in VIEWS}
-    return sum(work.values()), dict(sorted(work.items(), key=lambda kv: -kv[1]))
+kernel_nodes = perf.kernel_nodes  # primitive counts of a graph, views excluded
 
 
 def micro(name, fn, make_inputs, reps=64, runs=5):

@@ -42,14 +42,19 @@ in the same session; machines differ too much for comparisons across them.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import mlx.core as mx
@@ -166,12 +171,13 @@ def _ratios(n_layers, kinds):
     return (base + [4, 128] * n_layers)[:n_layers]
 
 
-def build_random(width, n_layers, fmt, kinds=None, seed=0):
+def build_random(width, n_layers, fmt, kinds=None, seed=0, overrides=None):
     dsv4, _, _ = _dsv4()
     cfg = dict(FLASH if width == "flash" else SMALL)
     ratios = _ratios(n_layers, kinds)
     cfg.update(num_hidden_layers=n_layers, compress_ratios=ratios)
     cfg["num_hash_layers"] = min(cfg["num_hash_layers"], 1)  # layer 0 only
+    cfg.update(overrides or {})  # e.g. --experts 64
     args = dsv4.ModelArgs.from_dict(cfg)
     mx.random.seed(seed)
     model = dsv4.Model(args)
@@ -332,7 +338,8 @@ def fill_fast(model, batch, T, seed_prompt, vocab, step):
             idx = c.index
             c._index = (mx.random.normal((batch, cap, idx.shape[2])) * 0.05).astype(idx.dtype)
         c.n_comp = n
-        mx.eval([a for a in c.state[3:] if a is not None])
+        # every array, the new entries included (state[0] is the header)
+        mx.eval([a for a in c.state[1:] if a is not None])
     return cache
 
 
@@ -595,6 +602,158 @@ def layer_times(model, args, cache, batch, steps, runs):
     return out
 
 
+# ----------------------------------------------------------------------------
+# kernels per decode step (graph node counts)
+# ----------------------------------------------------------------------------
+
+# Primitives that are views (no kernel of their own in the count).
+VIEWS = {
+    "Slice", "Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose",
+    "Flatten", "Unflatten", "View", "Split",
+}
+
+
+def kernel_nodes(outputs):
+    """Primitive counts of the (unevaluated) graph behind ``outputs``, views
+    excluded; a multi-output primitive is one node."""
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        labels = re.findall(r'label ?= ?"([^"]*)"', f.read())
+    counts = {}
+    for lab in labels:
+        name = lab.split()[0]
+        if name not in VIEWS:
+            counts[name] = counts.get(name, 0) + 1
+    return sum(counts.values()), dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+_PAD = mx.array([0], dtype=mx.uint8)  # data: no node of its own
+
+
+def _opaque(shape, dtype, *inputs):
+    """One Concatenate node (views around it) of the given shape and dtype
+    that depends on every array input: stands for a fused GPU op in a CPU
+    graph. A Concatenate is no elementwise op, so compile fuses nothing
+    through it, as with the real op. Values are garbage: counting only."""
+    parts = [a.reshape(-1).view(mx.uint8) for a in inputs if isinstance(a, mx.array)]
+    need = math.prod(shape) * dtype.size
+    # at least two parts, or concatenate returns its input (no node)
+    parts.append(mx.broadcast_to(_PAD, (max(1, need - sum(p.size for p in parts)),)))
+    return mx.concatenate(parts)[:need].view(dtype).reshape(shape)
+
+
+def emulate_gpu_graph():
+    """Make the mx.fast ops one node each, as they are in a GPU graph (on
+    the CPU they expand into their fallbacks). Call before anything is traced
+    by mx.compile: compiled traces keep the ops they saw. Counting only."""
+
+    def rms_norm(x, weight, eps, *, stream=None):
+        dt = x.dtype if weight is None else mx.result_type(x, weight)
+        return _opaque(x.shape, dt, x, weight)
+
+    def layer_norm(x, weight, bias, eps, *, stream=None):
+        return _opaque(x.shape, x.dtype, x, weight, bias)
+
+    def rope(x, dims, *, traditional, base, scale, offset, freqs=None, stream=None):
+        return _opaque(x.shape, x.dtype, x, offset, freqs)
+
+    def sdpa(q, k, v, *, scale, mask=None, sinks=None, stream=None, **kw):
+        return _opaque((*q.shape[:-1], v.shape[-1]), q.dtype, q, k, v, mask, sinks)
+
+    mx.fast.rms_norm, mx.fast.layer_norm, mx.fast.rope = rms_norm, layer_norm, rope
+    mx.fast.scaled_dot_product_attention = sdpa
+
+
+def emulate_fused_kernels():
+    """Take the model's CUDA-kernel paths (``MLX_ARCH_PLUGINS_FUSED``) on
+    any device, each kernel one opaque node: the FUSED=1 GPU graph."""
+    _dsv4()  # the source tree under test on sys.path
+    from mlx_arch_plugins.deepseek_v4 import kernels
+
+    def sinkhorn_split(mixes, scale, base, hc, iters, eps):
+        lead = mixes.shape[:-1]
+        n = math.prod(lead)
+        out = _opaque((n * hc * (hc + 2),), mx.float32, mixes, scale, base)
+        pre = out[: n * hc].reshape(*lead, hc)
+        post = out[n * hc : 2 * n * hc].reshape(*lead, hc)
+        return pre, post, out[2 * n * hc :].reshape(*lead, hc, hc)
+
+    kernels.cuda_enabled = lambda: True
+    kernels.use_sinkhorn_kernel = lambda rows: rows <= kernels.MAX_ROWS
+    kernels.sinkhorn_split = sinkhorn_split
+
+
+def _cache_arrays(c):
+    return [a for a in c.state if isinstance(a, mx.array)]
+
+
+def step_kernels(model, cache, steps, vocab):
+    """Kernels of ``steps`` batch-1 decode steps (graph of the outputs and
+    every cache array, views excluded): per layer, from steps run one layer
+    at a time (its input evaluated); then per whole step (logits + all
+    caches, as mlx-lm builds it) over the next ``steps`` positions. A
+    multiple of 4 steps covers every CSA block phase. Advances the caches
+    by 2 * steps."""
+    inner, layers = model.model, model.layers
+    per = [[] for _ in layers]
+    ids = [mx.random.randint(0, vocab, (1, 1)) for _ in range(2 * steps)]
+    mx.eval(ids)
+    for y in ids[:steps]:
+        h = inner.embed_tokens(y)
+        h = mx.broadcast_to(h[:, :, None], (1, 1, model.args.hc_mult, h.shape[-1]))
+        mx.eval(h)
+        for i, (layer, c) in enumerate(zip(layers, cache)):
+            h = layer(h, c, y)
+            outs = [h] + _cache_arrays(c)
+            per[i].append(kernel_nodes(outs)[0])
+            mx.eval(outs)
+    whole = []
+    for y in ids[steps:]:
+        outs = [model(y, cache=cache)] + [a for c in cache for a in _cache_arrays(c)]
+        whole.append(kernel_nodes(outs)[0])
+        mx.eval(outs)
+    return per, whole
+
+
+def _kind(layer):
+    """(compress ratio, hash-routed) of a decoder layer."""
+    return layer.attn.ratio, bool(getattr(layer.ffn.gate, "hash", False))
+
+
+# The Flash layer mix by kind: layers 0-2 are hash-routed (window, window, CSA).
+FLASH_KINDS = collections.Counter(
+    (r, i < 3) for i, r in enumerate(FLASH_RATIOS)
+)
+
+
+def kernel_summary(model, per, whole):
+    """Mean kernels per layer by ratio, and their mean over the Flash layer
+    mix (2 window, 21 CSA, 20 HCA; hash-routed layers apart when the model
+    has them, else by ratio alone), and the whole step per layer."""
+    by, by_kind = {}, {}
+    for layer, counts in zip(model.layers, per):
+        by.setdefault(layer.attn.ratio, []).extend(counts)
+        by_kind.setdefault(_kind(layer), []).extend(counts)
+    kinds = {
+        str(r): {"mean": round(statistics.mean(v), 2), "min": min(v), "max": max(v)}
+        for r, v in sorted(by.items())
+    }
+    out = {
+        "per_kind": kinds,
+        "whole_step_mean": round(statistics.mean(whole), 1),
+        "whole_per_layer": round(statistics.mean(whole) / len(per), 2),
+    }
+    means = {k: statistics.mean(v) for k, v in by_kind.items()}
+    if all(k in means for k in FLASH_KINDS):
+        mix = sum(n * means[k] for k, n in FLASH_KINDS.items())
+    elif all(str(r) in kinds for r, _ in FLASH_KINDS):
+        mix = sum(n * kinds[str(r)]["mean"] for (r, _), n in FLASH_KINDS.items())
+    else:
+        return out
+    out["flash_mix_per_layer"] = round(mix / len(FLASH_RATIOS), 2)
+    return out
+
+
 RESULTS = []
 
 
@@ -641,7 +800,7 @@ def env_info():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["all", "decode", "prefill", "floor", "memory"])
+    p.add_argument("what", choices=["all", "decode", "prefill", "floor", "memory", "kernels"])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="mlx-lm model directory")
     src.add_argument("--random", choices=["flash", "small"])
@@ -649,6 +808,15 @@ def main(argv=None):
     p.add_argument("--experts", type=int, help="routed experts (Flash: 256; 64 fits 43 layers)")
     p.add_argument("--kinds", help="compress ratio per layer, e.g. 0,4,128")
     p.add_argument("--format", choices=["official", "affine4"], default="official")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override of --random, e.g. index_topk=512 (repeatable)")
+    p.add_argument("--kernel-steps", type=int, default=8,
+                   help="batch-1 decode steps whose kernels are counted at each "
+                   "context, per layer kind (0: none)")
+    p.add_argument("--graph", choices=["device", "gpu", "both"], default="device",
+                   help="kernels: count the graph of this device (device); on a CPU, "
+                   "gpu = mx.fast ops as one node each, as on a GPU (counting only, "
+                   "the values are garbage); both = device and gpu, one process each")
     p.add_argument("--contexts", default="1024,8192,32768,131072")
     p.add_argument("--prefill-contexts", default="1024,8192,32768")
     p.add_argument("--batches", default="1,8")
@@ -672,6 +840,16 @@ def main(argv=None):
     if o.experts:  # same bytes per token as Flash (6 routed of any number), fewer in memory
         shapes = FLASH if o.random == "flash" else SMALL
         shapes.update(n_routed_experts=o.experts, num_experts_per_tok=min(6, o.experts))
+    if o.graph == "both":
+        return _both_graphs(argv if argv is not None else sys.argv[1:])
+    if o.graph == "gpu":
+        if mx.default_device() == mx.gpu:
+            raise SystemExit("--graph gpu emulates a GPU graph on a CPU; use --graph device")
+        emulate_gpu_graph()
+    if o.graph == "gpu" and os.environ.get("MLX_ARCH_PLUGINS_FUSED", "1") != "0":
+        emulate_fused_kernels()
+    graph = {"device": "cpu" if mx.default_device() == mx.cpu else "gpu",
+             "gpu": "gpu-emulated"}[o.graph]
 
     info = env_info()
     t0 = time.perf_counter()
@@ -679,7 +857,9 @@ def main(argv=None):
         model, tok, args = load_dir(o.model)
         label = os.path.basename(os.path.normpath(o.model))
     else:
-        model, tok, args = build_random(o.random, o.layers, o.format, o.kinds)
+        sets = dict(kv.split("=", 1) for kv in o.set)
+        sets = {k: json.loads(v) for k, v in sets.items()}
+        model, tok, args = build_random(o.random, o.layers, o.format, o.kinds, overrides=sets)
         label = f"random-{o.random}-{o.format}-{o.layers}L"
         label += f"-{o.experts}E" if o.experts else ""
     info.update(model=label, build_s=round(time.perf_counter() - t0, 2),
@@ -704,6 +884,13 @@ def main(argv=None):
             emit("floor", batch=b, ms=round(ms, 4), runs=[round(x, 4) for x in per],
                  weight_bytes=nbytes, matmuls=nops,
                  gbps=round(nbytes / ms / 1e6, 1))
+
+    if o.what == "kernels":
+        for T in ctxs:
+            cache = fill_cache(model, 1, T, o, vocab)
+            count_kernels(model, cache, T, o.kernel_steps, vocab, graph)
+            cache = None
+            gc.collect()
 
     steps_at = {}
     if do("decode") or do("memory"):
@@ -740,6 +927,8 @@ def main(argv=None):
                     rec["floor_ms"] = round(floors[b], 4)
                     rec["step_over_floor"] = round(ms / floors[b], 3)
                 emit("decode", **rec)
+                if o.kernel_steps and b == 1 and is_dsv4(model) and not over_budget():
+                    count_kernels(model, cache, T, o.kernel_steps, vocab, graph)
                 if o.per_layer and b == 1 and is_dsv4(model):
                     lt = layer_times(model, args, cache, b, o.steps, o.runs)
                     emit("layers", context=T, batch=b,
@@ -802,6 +991,27 @@ def main(argv=None):
             json.dump(RESULTS, f, indent=1)
 
 
+def count_kernels(model, cache, T, steps, vocab, graph):
+    fused = os.environ.get("MLX_ARCH_PLUGINS_FUSED", "1") != "0"
+    per, whole = step_kernels(model, cache, steps, vocab)
+    emit("kernels", context=T, graph=graph, fused=fused, steps=steps,
+         **kernel_summary(model, per, whole))
+
+
+def _both_graphs(argv):
+    """``--graph both``: the same command with --graph device, then gpu, in
+    fresh processes (compiled traces cannot be redone in one process)."""
+    rest, skip = [], False
+    for a in argv:
+        if not skip and not a.startswith("--graph"):
+            rest.append(a)
+        skip = a == "--graph"
+    for g in ("device", "gpu"):
+        rc = subprocess.call([sys.executable, __file__, *rest, "--graph", g])
+        if rc:
+            raise SystemExit(rc)
+
+
 def project(step_ms, layer_ms, n_full):
     """Step time of an ``n_full``-layer Flash model from this model's step:
     the non-layer part (embedding, head collapse, lm_head, sampling) plus the
@@ -844,6 +1054,13 @@ def table(res):
             print(f"batch-cache (mlx_lm batch generator form) context {r['context']} batch "
                   f"{r['batch']}: {r['ms_step']:.3f} ms/step, {r['tok_s']:.1f} tok/s "
                   f"(host {r['host_ms_step']:.3f} + launch {r.get('launch_ms_step', 0):.3f} ms)")
+    for r in res:
+        if r["bench"] == "kernels":
+            kinds = ", ".join(f"{k}: {v['mean']}" for k, v in r["per_kind"].items())
+            print(f"kernels/layer ({r['graph']} graph, fused {r['fused']}) context "
+                  f"{r['context']}: by ratio {kinds}; Flash mix "
+                  f"{r.get('flash_mix_per_layer', '-')}; whole step "
+                  f"{r['whole_step_mean']} = {r['whole_per_layer']}/layer")
     for r in res:
         if r["bench"] == "projection":
             print(f"PROJECTION to {r['layers_full']} layers at context {r['context']}: "
