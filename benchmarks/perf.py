@@ -147,9 +147,20 @@ def _mlx_lm_models_only():
         return False
 
 
-def _dsv4():
+def _use_src():
+    """Import mlx_arch_plugins from SRC, also where a start-up file (the
+    plugin host's .pth) already imported another copy: that copy is dropped."""
     if SRC not in sys.path:
         sys.path.insert(0, SRC)
+    mod = sys.modules.get("mlx_arch_plugins")
+    want = os.path.realpath(os.path.join(SRC, "mlx_arch_plugins"))
+    if mod is not None and os.path.realpath(os.path.dirname(mod.__file__)) != want:
+        for k in [k for k in sys.modules if k.split(".")[0] == "mlx_arch_plugins"]:
+            del sys.modules[k]
+
+
+def _dsv4():
+    _use_src()
     full = _mlx_lm_models_only()
     from mlx_arch_plugins.deepseek_v4 import model as deepseek_v4, cache as deepseek_v4_cache
 
@@ -267,8 +278,7 @@ def _set(module, dotted, value):
 
 
 def load_dir(path):
-    if SRC not in sys.path:
-        sys.path.insert(0, SRC)
+    _use_src()
     try:  # make the plugin's architectures visible to mlx_lm
         import mlx_arch_plugins
 
@@ -863,6 +873,8 @@ def main(argv=None):
         label = f"random-{o.random}-{o.format}-{o.layers}L"
         label += f"-{o.experts}E" if o.experts else ""
     info.update(model=label, build_s=round(time.perf_counter() - t0, 2),
+                src=os.path.dirname(sys.modules["mlx_arch_plugins"].__file__)
+                if "mlx_arch_plugins" in sys.modules else None,
                 weights_bytes=sum(a.nbytes for _, a in _flat(model.parameters())),
                 layers=len(model.layers),
                 ratios=list(getattr(args, "compress_ratios", []) or [])[: len(model.layers)])

@@ -412,17 +412,77 @@ def _hc_collapse(h, fn, scale, base, hc, iters, eps, norm_eps):
     return x.astype(h.dtype), post, comb
 
 
+# The helpers below keep a decode step's graph small on every backend: the
+# hc = 4 streams and the 4 x 4 mixing matrix are tiny, so sums over them are
+# written as adds of views (one fused elementwise kernel) instead of
+# reductions and matmuls (a kernel each, plus the elementwise work around
+# them). Sums run stream by stream, in index order. Scales are taken as
+# slices (views): an integer index is a gather kernel.
+
+
+def _pre_weights(mixes, scale, base, hc, eps):
+    # pre_i = sigmoid(l_i s0 + b_i) + eps, each [..., 1] (views of the logits)
+    return [
+        mx.sigmoid(mixes[..., i : i + 1] * scale[0 : 1] + base[i : i + 1]) + eps
+        for i in range(hc)
+    ]
+
+
+def _streams_sum(h, weights):
+    # sum_i weights_i * h_i in float32, cast back to h's dtype
+    x = None
+    for i, w in enumerate(weights):
+        t = w * h[..., i, :].astype(mx.float32)
+        x = t if x is None else x + t
+    return x.astype(h.dtype)
+
+
+def _comb_softmax(mixes, scale, base, hc, eps):
+    """softmax over each row of the hc x hc comb logits, + eps, in one
+    elementwise kernel: the row max and sum come from column views of the
+    raw logits (a softmax primitive and the affine before it are two)."""
+    lead = mixes.shape[:-1]
+    raw = mixes[..., 2 * hc :].reshape(*lead, hc, hc)
+    b = base[2 * hc :].reshape(hc, hc)
+    cols = [raw[..., j : j + 1] * scale[2 : 3] + b[:, j : j + 1] for j in range(hc)]
+    top = cols[0]
+    for c in cols[1:]:
+        top = mx.maximum(top, c)
+    total = None
+    for c in cols:
+        e = mx.exp(c - top)
+        total = e if total is None else total + e
+    return mx.exp(raw * scale[2 : 3] + b - top) / total + eps
+
+
+@mx.compile
+def _hc_collapse_views(h, fn, scale, base, hc, iters, eps, norm_eps):
+    """``_hc_collapse`` in fewer kernels (the same arithmetic up to fp32
+    rounding): softmax, pre weights and the weighted sum are elementwise."""
+    mixes = _hc_mix_logits(h, fn, norm_eps)
+    comb = _comb_softmax(mixes, scale, base, hc, eps)
+    comb = comb / (_sum_views(comb, -2) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (_sum_views(comb, -1) + eps)
+        comb = comb / (_sum_views(comb, -2) + eps)
+    post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * scale[1 : 2] + base[hc : 2 * hc])
+    x = _streams_sum(h, _pre_weights(mixes, scale, base, hc, eps))
+    return x, post, comb
+
+
 @mx.compile
 def _hc_weighted(h, pre):
-    x = (pre[..., None] * h.astype(mx.float32)).sum(-2)
-    return x.astype(h.dtype)
+    return _streams_sum(h, [pre[..., i : i + 1] for i in range(h.shape[-2])])
 
 
 @mx.compile
 def _hc_expand(y, residual, post, comb):
-    # stream k = post_k * y + sum_j comb[j, k] * residual_j
-    mixed = comb.swapaxes(-1, -2) @ residual.astype(mx.float32)
-    out = post[..., None] * y[..., None, :].astype(mx.float32) + mixed
+    # stream k = post_k * y + sum_j comb[j, k] * residual_j, all streams in
+    # one elementwise kernel: row j of comb as a column [..., hc, 1] times
+    # stream j [..., 1, D] (a matmul would be a kernel of its own)
+    out = post[..., None] * y[..., None, :].astype(mx.float32)
+    for j in range(residual.shape[-2]):
+        out = out + comb[..., j, :, None] * residual[..., j : j + 1, :].astype(mx.float32)
     return out.astype(residual.dtype)
 
 
@@ -448,7 +508,7 @@ class HyperConnection(nn.Module):
                 mixes, self.scale, self.base, self.hc, self.iters, self.eps
             )
             return _hc_weighted(h, pre), post, comb
-        return _hc_collapse(
+        return _hc_collapse_views(
             h, self.fn, self.scale, self.base, self.hc, self.iters, self.eps,
             self.norm_eps,
         )
