@@ -22,8 +22,17 @@ HC, ITERS, EPS, NORM_EPS, D = 4, 20, 1e-6, 1e-6, 64
 
 def _kernels(*outputs):
     """Primitives of the graph behind ``outputs``, views excluded."""
-    views = {"Slice", "Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose", "View",
-             "Flatten", "Unflatten"}
+    views = {
+        "Slice",
+        "Broadcast",
+        "Reshape",
+        "ExpandDims",
+        "Squeeze",
+        "Transpose",
+        "View",
+        "Flatten",
+        "Unflatten",
+    }
     with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
         mx.export_to_dot(f.name, *outputs)
         labels = re.findall(r'label ?= ?"([^"]*)"', f.read())
@@ -50,8 +59,10 @@ def test_collapse_views_equals_reference(dtype, lead):
     # x: float32 sums in another order, then the cast (one bf16 ulp at most)
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     np.testing.assert_allclose(
-        np.array(got[0].astype(mx.float32)), np.array(want[0].astype(mx.float32)),
-        atol=tol, rtol=tol,
+        np.array(got[0].astype(mx.float32)),
+        np.array(want[0].astype(mx.float32)),
+        atol=tol,
+        rtol=tol,
     )
     np.testing.assert_allclose(np.array(got[1]), np.array(want[1]), atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.array(got[2]), np.array(want[2]), atol=1e-6, rtol=0)
@@ -65,11 +76,13 @@ def test_weighted_and_expand_equal_reduction_forms():
     comb = mx.random.uniform(shape=(2, 3, HC, HC))
     y = mx.random.normal((2, 3, D))
     want_x = (pre[..., None] * h).sum(-2)
-    np.testing.assert_allclose(np.array(dsv4._hc_weighted(h, pre)), np.array(want_x),
-                               atol=1e-5, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array(dsv4._hc_weighted(h, pre)), np.array(want_x), atol=1e-5, rtol=1e-6
+    )
     want = post[..., None] * y[..., None, :] + comb.swapaxes(-1, -2) @ h
-    np.testing.assert_allclose(np.array(dsv4._hc_expand(y, h, post, comb)), np.array(want),
-                               atol=1e-5, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array(dsv4._hc_expand(y, h, post, comb)), np.array(want), atol=1e-5, rtol=1e-6
+    )
 
 
 def test_helpers_are_the_kernels_they_were_written_to_be():
