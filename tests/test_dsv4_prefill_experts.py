@@ -82,3 +82,14 @@ def test_below_the_threshold_gather_qmm_stays(monkeypatch, dequant_calls):
     monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", str(rows + 1))
     _prefill(model, case)
     assert not dequant_calls
+
+
+def test_threshold_table_is_per_backend_and_mode(monkeypatch):
+    monkeypatch.delenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", raising=False)
+    monkeypatch.setattr(dsv4, "_backend", lambda: "cuda")
+    assert dsv4._dequant_rows("affine") == dsv4.DEQUANT_ROWS[("cuda", "affine")]
+    assert dsv4._dequant_rows("mxfp4") is None  # measured: gather_qmm is as fast
+    monkeypatch.setattr(dsv4, "_backend", lambda: "metal")
+    assert dsv4._dequant_rows("affine") is None  # no measurement: stock kernels
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "7")
+    assert dsv4._dequant_rows("mxfp4") == 7

@@ -1129,9 +1129,12 @@ def _experts(layer, x, idx, sorted_indices):
 # rows per expert. Where a backend's gather_qmm is measured slower than dequantizing the
 # experts and running gather_mm in half precision, and at least this many routed rows
 # (tokens x top-k) go through a layer, the experts are dequantized a chunk at a time.
-# Only backends with a measurement are listed (benchmarks/RESULTS.md, "Prefill"); Metal
-# and the CPU keep gather_qmm. MLX_ARCH_PLUGINS_DEQUANT_ROWS overrides (0: never).
-DEQUANT_ROWS = {"cuda": 4096}
+# Keyed by (backend, quantization mode); only measured pairs are listed
+# (benchmarks/RESULTS.md, "Prefill"): on the H200 affine 4-bit gather_qmm is 1.8x slower
+# at 1536 rows and 14x at 24576, but faster below 400; mxfp4 gather_qmm is as fast as the
+# chunks at every size. Metal and the CPU keep gather_qmm.
+# MLX_ARCH_PLUGINS_DEQUANT_ROWS overrides for every mode (0: never).
+DEQUANT_ROWS = {("cuda", "affine"): 1536}
 _DEQUANT_CHUNK_BYTES = 256 << 20  # bound on one chunk's dequantized weights
 
 
@@ -1144,12 +1147,12 @@ def _backend() -> str:
     return "cuda" if cuda is not None and cuda.is_available() else "gpu"
 
 
-def _dequant_rows() -> Optional[int]:
+def _dequant_rows(mode: str) -> Optional[int]:
     value = os.environ.get("MLX_ARCH_PLUGINS_DEQUANT_ROWS")
     if value is not None:
         rows = int(value)
         return rows if rows > 0 else None
-    return DEQUANT_ROWS.get(_backend())
+    return DEQUANT_ROWS.get((_backend(), mode))
 
 
 def _dequantizable(layer) -> bool:
@@ -1211,8 +1214,10 @@ class SwitchClippedGLU(nn.Module):
             idx = indices.flatten()[order]
             w = weights.flatten()[order][:, None, None]
         project = functools.partial(_experts, sorted_indices=do_sort)
-        threshold = _dequant_rows() if do_sort else None
-        if threshold is not None and idx.size >= threshold and _dequantizable(self.gate_proj):
+        threshold = None
+        if do_sort and _dequantizable(self.gate_proj):
+            threshold = _dequant_rows(getattr(self.gate_proj, "mode", "affine"))
+        if threshold is not None and idx.size >= threshold:
             # one host read per layer: where each expert's rows start
             counts = np.bincount(np.array(idx), minlength=self.gate_proj["weight"].shape[0])
             project = functools.partial(_experts_dequantized, counts=counts.tolist())

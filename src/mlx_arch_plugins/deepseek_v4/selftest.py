@@ -29,17 +29,37 @@ BOUND_MAXDEV = 4.0
 WITHIN_MIN = 0.98  #    ... for at least 98% of positions
 MEAN_MAX = 1e-2  # 2. mean |logit - target| <= 1e-2
 TOP1_MIN = 0.97  # 3. top-1 agreement >= 97% of positions
+# A bf16 run, compared loosely with the same fp32 targets (the README's bf16 note):
+BF16_MEAN_MAX = 0.25
+BF16_TOP1_MIN = 0.85
+
+
+def _unsupported(error: Exception) -> bool:
+    """True for a backend that has no kernel for a float32 problem (MLX CUDA has no
+    float32 mxfp8 quantized matmul): the check then runs in bfloat16 instead."""
+    return isinstance(error, (RuntimeError, ValueError)) and "No implementation" in str(error)
 
 
 def selftest(report):
     """Call ``report(check, ok, detail)`` once per check."""
     want, maxdev = _expected()
     model = _load()
+    dtype = mx.float32
     logits = {}
     for mode in ("compiled", "eager"):
-        with _compile_mode(mode == "compiled"):
-            logits[mode] = _protocol(model)
-        report(f"reference logits, {mode}", *golden_checks(logits[mode], want, maxdev))
+        try:
+            with _compile_mode(mode == "compiled"):
+                logits[mode] = _protocol(model)
+        except Exception as e:
+            if dtype != mx.float32 or not _unsupported(e):
+                raise
+            report(f"float32 run ({mode})", True, f"not supported here, bfloat16 instead: {e}")
+            dtype = mx.bfloat16
+            model.set_dtype(dtype)
+            with _compile_mode(mode == "compiled"):
+                logits[mode] = _protocol(model)
+        checks = golden_checks if dtype == mx.float32 else bf16_checks
+        report(f"reference logits, {mode}", *checks(logits[mode], want, maxdev))
     diff = np.abs(logits["compiled"] - logits["eager"])
     same_top1 = bool((logits["compiled"].argmax(-1) == logits["eager"].argmax(-1)).all())
     within = float((diff.max(-1) <= np.maximum(BOUND_FLOOR, BOUND_MAXDEV * maxdev)).mean())
@@ -51,6 +71,18 @@ def selftest(report):
     )
     for name, ok, detail in _helpers():
         report(name, ok, detail)
+
+
+def bf16_checks(got, want, maxdev):
+    """(ok, detail) of the README's loose bound for a bfloat16 run."""
+    mean = float(np.abs(got - want).mean())
+    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+    ok = mean <= BF16_MEAN_MAX and top1 >= BF16_TOP1_MIN
+    detail = (
+        f"bfloat16 run: mean {mean:.3g} (<= {BF16_MEAN_MAX:g}); "
+        f"top-1 {top1:.1%} (>= {BF16_TOP1_MIN:.0%})"
+    )
+    return ok, detail
 
 
 def golden_checks(got, want, maxdev):
