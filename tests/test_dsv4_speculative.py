@@ -90,6 +90,7 @@ def test_greedy_identical_golden(k, fmt):
 def test_first_drafts_are_the_mtp_blocks_predictions(monkeypatch):
     """Each step's first draft is what the MTP block predicts, run over the
     whole final sequence at once (real main-model states, right positions)."""
+    monkeypatch.setenv(spec.ADAPT_SWITCH, "0")  # draft k every step
     model = load_case("a_swa_csa_hash_mtp", "bf16")
     prompt = inputs("a_swa_csa_hash_mtp")[0][:30]
     made = []
@@ -147,6 +148,7 @@ def _oracle(monkeypatch, future, wrong=False):
 
 @pytest.mark.parametrize("wrong", [False, True])
 def test_oracle_and_always_wrong_drafts(monkeypatch, wrong):
+    monkeypatch.setenv(spec.ADAPT_SWITCH, "0")  # draft k every step
     prompt = mx.random.randint(0, VOCAB, (37,), key=mx.random.key(5)).tolist()
     want = _plain(TINY, prompt, 25)
     fake, _seen = _oracle(monkeypatch, want, wrong)
@@ -286,3 +288,55 @@ def test_acceptance_rule_keeps_the_target_distribution():
 @pytest.mark.parametrize("broken", [_accept_all, _resample_from_p])
 def test_chi_square_catches_a_broken_rule(broken):
     assert _chi2(_first_tokens(broken)) > CHI2_99_4DOF
+
+
+# -- drafting switches itself off where it does not pay -----------------------------
+
+
+def _windows(length, per_choice_seconds, n):
+    """Feed ``n`` iterations timed by ``per_choice_seconds[k]`` (one token each, as
+    with drafts that are never accepted); the k of every iteration."""
+    ks = []
+    for _ in range(n):
+        k = length.next()
+        ks.append(k)
+        length.record(1, per_choice_seconds[k])
+    return ks
+
+
+def test_draft_length_picks_what_yields_more_tokens_per_second():
+    slow = spec.DraftLength(3, adaptive=True, window=4, probe_every=4)
+    ks = _windows(slow, {3: 2.0, 0: 1.0}, 64)
+    assert ks[:4] == [3] * 4 and ks[4:8] == [0] * 4  # each choice measured once
+    later = ks[8:]
+    assert later.count(0) >= 0.7 * len(later) and 3 in later  # mostly off, re-probed
+    fast = spec.DraftLength(3, adaptive=True, window=4, probe_every=4)
+    later = _windows(fast, {3: 1.0, 0: 2.0}, 64)[8:]
+    assert later.count(3) >= 0.7 * len(later)
+    fixed = spec.DraftLength(3, adaptive=False)
+    assert set(_windows(fixed, {3: 9.0, 0: 1.0}, 32)) == {3}
+
+
+def test_never_accepted_drafts_turn_drafting_off_with_identical_output(monkeypatch):
+    prompt = mx.random.randint(0, VOCAB, (21,), key=mx.random.key(9)).tolist()
+    want = _plain(TINY, prompt, 60)
+    fake, _ = _oracle(monkeypatch, want, wrong=True)
+    clock = [0.0]
+    ks = []
+
+    def timed(*args):  # drafting k costs (1 + k/2) steps of a fake clock
+        ks.append(args[4])
+        clock[0] += 1 + args[4] / 2
+        return fake(*args)
+
+    monkeypatch.setattr(spec, "_draft", timed)
+    monkeypatch.setattr(spec.time, "perf_counter", lambda: clock[0])
+    got = []
+    for t, _, _ in mtp_generate_step(
+        mx.array(prompt), TINY, MTPDraft(TINY), num_draft_tokens=3, max_tokens=60
+    ):
+        got.append(int(t))
+        fake.emitted = len(got)
+    assert got == want
+    after_probe = ks[16:]  # the first two windows measure k=3 and k=0
+    assert after_probe.count(0) >= 0.7 * len(after_probe)
