@@ -1290,6 +1290,9 @@ class DeepseekV4MoE(nn.Module):
 
 # Key order of the compressor/indexer projections (compiled graphs return tuples).
 _PROJ_KEYS = ("ckv", "cgate", "ikv", "igate", "iq", "iw")
+# Longest single-sequence step that runs compiled: a decode token, or the k+1 tokens of a
+# speculative verify (at most the caches' trim bound).
+COMPILED_MAX_TOKENS = 16
 
 
 def _compile_enabled() -> bool:
@@ -1308,14 +1311,16 @@ class DeepseekV4Block(nn.Module):
         self.ffn_hc = HyperConnection(args)
 
     def __call__(self, h, cache, input_ids):
-        compiled = self._compiled_decode() if h.shape[:2] == (1, 1) else None
+        B, L = h.shape[:2]
+        compiled = self._compiled_decode() if B == 1 and L <= COMPILED_MAX_TOKENS else None
         if compiled is not None:
             front, back = compiled
-            # single-sequence decode: everything but the cache work runs as
-            # two compiled graphs (a fraction of the Python graph building).
+            # single-sequence decode (and speculative verify of a few tokens):
+            # everything but the cache work runs as two compiled graphs (a
+            # fraction of the Python graph building), one trace per length.
             # Batches stay eager: a trace per batch size, and the two packed
             # batch-8 A/B pairs on the H200 were not faster (RESULTS.md).
-            q, kv, proj, post, comb = front(h, self.attn.index_flag(cache, 1))
+            q, kv, proj, post, comb = front(h, self.attn.index_flag(cache, L))
             o = self.attn.attend(q, kv, dict(zip(_PROJ_KEYS, proj)), cache)
             return back(o, h, post, comb, input_ids)
         x, post, comb = self.attn_hc.collapse(h)
