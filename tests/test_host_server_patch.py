@@ -1,10 +1,12 @@
 """_server_patch on stand-in classes shaped like mlx_lm.server's (both versions)."""
 
 import importlib
+import inspect
 import types
 
 import pytest
 
+from mlx_arch_plugins.host.patches import patching
 from mlx_arch_plugins.host.patches import server as _server_patch
 from mlx_arch_plugins.deepseek_v4 import tool_parser as parser
 
@@ -15,29 +17,20 @@ TRUNCATED = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string
 
 @pytest.fixture()
 def server_module():
-    """The real mlx_lm.server classes, patched and restored around each test."""
+    """Stand-ins for mlx_lm.server's classes (subclasses holding the stock methods),
+    patched by the real apply() and restored by undo() around each test."""
     server = importlib.import_module("mlx_lm.server")
-    already = hasattr(server.ToolCallFormatter.__call__, "_mlx_arch_plugins_original")
-    if already:  # the installed plugin patched it: test on a fresh copy of the classes
-        fmt = types.new_class("ToolCallFormatter", (server.ToolCallFormatter,))
-        fmt.__call__ = getattr(server.ToolCallFormatter.__call__, "_mlx_arch_plugins_original")
-        handler = types.new_class("APIHandler", (object,))
-        handler.generate_response = getattr(
-            server.APIHandler.generate_response, "_mlx_arch_plugins_original"
-        )
-        module = types.SimpleNamespace(ToolCallFormatter=fmt, APIHandler=handler)
-    else:
-        module = types.SimpleNamespace(
-            ToolCallFormatter=types.new_class("ToolCallFormatter", (server.ToolCallFormatter,)),
-            APIHandler=types.new_class("APIHandler", (object,)),
-        )
-        module.APIHandler.generate_response = server.APIHandler.generate_response
-    saved = dict(_server_patch._patched)
-    _server_patch._patched.clear()
+    fmt = types.new_class("ToolCallFormatter", (server.ToolCallFormatter,))
+    fmt.__call__ = inspect.unwrap(server.ToolCallFormatter.__call__)
+    handler = types.new_class("APIHandler", (object,))
+    handler.generate_response = inspect.unwrap(server.APIHandler.generate_response)
+    module = types.SimpleNamespace(ToolCallFormatter=fmt, APIHandler=handler)
+    saved = list(_server_patch._owners)
+    _server_patch._owners.clear()
     _server_patch.apply(module)
     yield module
     _server_patch.undo()
-    _server_patch._patched.update(saved)
+    _server_patch._owners.extend(saved)
 
 
 class _Handler:
@@ -94,12 +87,18 @@ def test_other_parsers_keep_stock_behaviour(server_module):
 
 
 def test_apply_is_idempotent_and_undo_restores(server_module):
-    patched = server_module.ToolCallFormatter.__call__
+    fmt, handler = server_module.ToolCallFormatter, server_module.APIHandler
+    stock_call, stock_response = (
+        inspect.unwrap(fmt.__call__),
+        inspect.unwrap(handler.generate_response),
+    )
+    patched = fmt.__call__
+    assert patched is not stock_call
     _server_patch.apply(server_module)
-    assert server_module.ToolCallFormatter.__call__ is patched
+    assert fmt.__call__ is patched
     _server_patch.undo()
-    assert not hasattr(server_module.ToolCallFormatter.__call__, "_mlx_arch_plugins_original")
-    assert not hasattr(server_module.APIHandler.generate_response, "_mlx_arch_plugins_original")
+    assert fmt.__call__ is stock_call and handler.generate_response is stock_response
+    assert not patching.is_patched(fmt, "__call__")
     _server_patch.apply(server_module)  # fixture teardown undoes again
 
 

@@ -35,10 +35,12 @@ if not _patching.is_patched(_tu, "load"):
 
 import sys  # noqa: E402
 
+from mlx_arch_plugins.host.patches import patching as _patching  # noqa: E402
+
 for _name in ("mlx_lm.server", "__main__"):
     _server = sys.modules.get(_name)
     _fmt = getattr(_server, "ToolCallFormatter", None)
-    if _fmt is not None and not hasattr(_fmt.__call__, "_mlx_arch_plugins_original"):
+    if _fmt is not None and not _patching.is_patched(_fmt, "__call__"):
         from mlx_arch_plugins.host.patches import server as _server_patch
 
         _server_patch.apply(_server)

@@ -1,10 +1,14 @@
-"""Keep malformed tool-call text in mlx_lm.server responses (served parsers only).
+"""Changes to stock ``mlx_lm.server``: keep malformed tool-call text.
 
-Stock ``mlx_lm.server`` hands each tool block's text to the parser; on a parse
+``apply(module)`` patches ``module`` (``mlx_lm.server``, or ``__main__`` when the
+server runs with ``-m``) through ``patching.replace``; ``undo()`` restores it.
+Both are idempotent.
+
+**Tool-call text.** Stock hands each tool block's text to the parser; on a parse
 error 0.32 logs a warning and drops the block (the text is lost, and
 ``finish_reason`` still says ``"tool_calls"``), and 0.31 lets the exception end
 the request. For parsers of this package that set ``keep_unparsed_as_content``
-(the DeepSeek-V4 DSML parser), ``apply(module)`` changes two methods:
+(the DeepSeek-V4 DSML parser):
 
 * ``ToolCallFormatter.__call__`` parses block by block; a block that fails is
   turned back into its text (``parser.unparsed_text(block)``, i.e. with its
@@ -13,16 +17,21 @@ the request. For parsers of this package that set ``keep_unparsed_as_content``
   (the same chunk in streaming) and reports ``finish_reason="stop"`` instead of
   ``"tool_calls"`` when no block of the response parsed.
 
-Other tool parsers keep the stock behaviour. ``apply`` is idempotent; ``undo``
-restores both methods.
+Other tool parsers keep the stock behaviour.
 """
+
+from __future__ import annotations
 
 import logging
 
+from . import patching
+
 __all__ = ["apply", "undo"]
 
-_MARK = "_mlx_arch_plugins_original"
-_patched = {}
+_owners = []  # classes apply() patched, for undo()
+
+
+# --- tool-call text ------------------------------------------------------------------
 
 
 class _FormattedCalls(list):
@@ -48,9 +57,7 @@ def _make_call(original):
             try:
                 calls = self._tool_parser(tool_text, self._tools)
             except ValueError as e:  # json.JSONDecodeError is a ValueError
-                logging.warning(
-                    "Tool call block did not parse (%s); returning it as content", e
-                )
+                logging.warning("Tool call block did not parse (%s); returning it as content", e)
                 unparsed += self._tool_parser.unparsed_text(tool_text)
                 continue
             if not isinstance(calls, list):
@@ -59,7 +66,6 @@ def _make_call(original):
             self._mlx_arch_plugins_parsed = True
         return _FormattedCalls(parsed, unparsed, self)
 
-    setattr(__call__, _MARK, original)
     return __call__
 
 
@@ -75,27 +81,27 @@ def _make_generate_response(original):
             kwargs["tool_calls"] = list(calls)
         return original(self, text, finish_reason, *args, **kwargs)
 
-    setattr(generate_response, _MARK, original)
     return generate_response
 
 
+# --- entry points ----------------------------------------------------------------------
+
+_PATCHES = (
+    ("ToolCallFormatter", "__call__", _make_call),
+    ("APIHandler", "generate_response", _make_generate_response),
+)
+
+
 def apply(module) -> None:
-    """Patch ``module`` (``mlx_lm.server``, or ``__main__`` when run with ``-m``)."""
-    formatter = getattr(module, "ToolCallFormatter", None)
-    handler = getattr(module, "APIHandler", None)
-    if formatter is None or handler is None:
-        return
-    if hasattr(formatter.__call__, _MARK):
-        return
-    formatter.__call__ = _make_call(formatter.__call__)
-    handler.generate_response = _make_generate_response(handler.generate_response)
-    _patched[id(module)] = (formatter, handler)
+    """Patch the classes of ``module`` that it has (a stand-in may have fewer)."""
+    for cls_name, name, make in _PATCHES:
+        owner = getattr(module, cls_name, None)
+        if owner is None or not callable(getattr(owner, name, None)):
+            continue
+        if patching.replace(owner, name, make) is not None and owner not in _owners:
+            _owners.append(owner)
 
 
 def undo() -> None:
-    while _patched:
-        _, (formatter, handler) = _patched.popitem()
-        if hasattr(formatter.__call__, _MARK):
-            formatter.__call__ = getattr(formatter.__call__, _MARK)
-        if hasattr(handler.generate_response, _MARK):
-            handler.generate_response = getattr(handler.generate_response, _MARK)
+    patching.undo_for(_owners)
+    _owners.clear()
