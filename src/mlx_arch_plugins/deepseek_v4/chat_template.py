@@ -66,8 +66,7 @@ TOOLS_BLOCK = (
 )
 
 RESPONSE_FORMAT_BLOCK = (
-    "## Response Format:\n\n"
-    "You MUST strictly adhere to the following schema to reply:\n{schema}"
+    "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n{schema}"
 )
 
 _EFFORT_ABSOLUTE_MAX = (
@@ -114,7 +113,13 @@ TOKENIZER_DEFAULTS = {
 
 
 class DeepSeekV4TemplateError(ValueError):
-    """A conversation or option the DeepSeek-V4 encoder cannot render."""
+    """A conversation or option the DeepSeek-V4 encoder cannot render.
+
+    The request's fault, not the server's: ``mlx_lm.server`` (with this
+    package's server patch) answers it with ``http_status`` and the message.
+    """
+
+    http_status = 400
 
 
 # --------------------------------------------------------------------------
@@ -127,8 +132,7 @@ def resolve_release(release: Optional[str]) -> str:
     name = _RELEASE_ALIASES.get(str(release), str(release))
     if name not in RELEASES:
         raise DeepSeekV4TemplateError(
-            f"Unknown DeepSeek-V4 encoder_release {release!r}; "
-            f"expected one of {sorted(RELEASES)}"
+            f"Unknown DeepSeek-V4 encoder_release {release!r}; expected one of {sorted(RELEASES)}"
         )
     return name
 
@@ -175,6 +179,69 @@ def _check_mode(thinking_mode: str) -> str:
 
 
 # --------------------------------------------------------------------------
+# Input checks: a clear error naming the field instead of a crash (or, for
+# a string of tools, one "tool" per character) further down.
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_tools(tools: Any, field: str = "tools") -> None:
+    if not isinstance(tools, list):
+        raise DeepSeekV4TemplateError(
+            f"{field} must be a list of tool objects, got {_type_name(tools)}"
+        )
+    for i, tool in enumerate(tools):
+        schema = _tool_schema(tool)
+        if not isinstance(schema, dict) or not isinstance(schema.get("name"), str):
+            raise DeepSeekV4TemplateError(
+                f'{field}[{i}] must be an object like {{"type": "function", "function": '
+                f'{{"name": ..., "parameters": {{...}}}}}}, got {_type_name(tool)} without a '
+                "function name"
+            )
+        params = schema.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise DeepSeekV4TemplateError(
+                f"{field}[{i}].function.parameters must be a JSON Schema object, "
+                f"got {_type_name(params)}"
+            )
+
+
+def _check_tool_calls(calls: Any, field: str) -> None:
+    if not isinstance(calls, list):
+        raise DeepSeekV4TemplateError(f"{field} must be a list, got {_type_name(calls)}")
+    for j, call in enumerate(calls):
+        name = _call_parts(call)[0] if isinstance(call, dict) else None
+        if not isinstance(name, str) or not name:
+            raise DeepSeekV4TemplateError(
+                f"{field}[{j}] must be an object with function.name (a string)"
+            )
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, (list, tuple)):
+        raise DeepSeekV4TemplateError(
+            f"messages must be a list of message objects, got {_type_name(messages)}"
+        )
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise DeepSeekV4TemplateError(
+                f"messages[{i}] must be an object with a role, got {_type_name(msg)}"
+            )
+        content = msg.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise DeepSeekV4TemplateError(
+                f"messages[{i}].content must be a string, a list of parts or null, "
+                f"got {_type_name(content)}"
+            )
+        if msg.get("tool_calls") is not None:
+            _check_tool_calls(msg["tool_calls"], f"messages[{i}].tool_calls")
+        if msg.get("tools") is not None:
+            _check_tools(msg["tools"], f"messages[{i}].tools")
+
+
+# --------------------------------------------------------------------------
 # Pieces
 
 
@@ -199,9 +266,7 @@ def _render_extras(msg: Dict[str, Any]) -> str:
     if msg.get("tools"):
         out += "\n\n" + _render_tools(msg["tools"])
     if msg.get("response_format"):
-        out += "\n\n" + RESPONSE_FORMAT_BLOCK.replace(
-            "{schema}", _to_json(msg["response_format"])
-        )
+        out += "\n\n" + RESPONSE_FORMAT_BLOCK.replace("{schema}", _to_json(msg["response_format"]))
     return out
 
 
@@ -232,9 +297,7 @@ def _render_parameters(arguments: Any) -> str:
             flag, text = "true", value
         else:
             flag, text = "false", _to_json(value)
-        lines.append(
-            f'<{DSML}parameter name="{key}" string="{flag}">{text}</{DSML}parameter>'
-        )
+        lines.append(f'<{DSML}parameter name="{key}" string="{flag}">{text}</{DSML}parameter>')
     return "\n".join(lines)
 
 
@@ -429,6 +492,7 @@ def encode_messages(
     release: Optional[str] = None,
 ) -> str:
     """Message-level encoder: same input and output as DeepSeek's ``encode_messages``."""
+    _check_messages(messages)
     return _encode(messages, thinking_mode, drop_thinking, reasoning_effort, release)[0]
 
 
@@ -503,6 +567,9 @@ def apply_chat_template(
     drop_thinking = kwargs.get("drop_thinking", True)
     release = kwargs.get("encoder_release", kwargs.get("release"))
 
+    _check_messages(messages)
+    if tools is not None:
+        _check_tools(tools)
     msgs = [dict(m) for m in copy.deepcopy(list(messages))]
     for m in msgs:
         if m.get("role") == "assistant" and m.get("reasoning_content") is None:
