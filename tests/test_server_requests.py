@@ -212,12 +212,17 @@ def test_bad_field_gets_400_naming_it_and_server_keeps_serving(server, first_rep
     [
         ("invalid UTF-8", json.dumps(GOOD).encode()[:-1] + b'\xff"}'),
         ("latin-1 text", '{"model": "caf\u00e9", "messages": []}'.encode("latin-1")),
+        ("nested too deeply", b"[" * 100_000 + b"]" * 100_000),
+        (
+            "a field nested too deeply",
+            json.dumps(GOOD).encode()[:-1] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        ),
     ],
 )
-def test_body_not_utf8_gets_400(server, first_reply, name, body):
+def test_body_that_does_not_parse_gets_400(server, first_reply, name, body):
     status, reply = _post(server.port, CHAT, body)
     assert status == 400, f"{name}: HTTP {status}: {reply[:300]!r}"
-    assert "UTF-8" in json.loads(reply)["error"]
+    assert "Request body" in json.loads(reply)["error"]
     _assert_still_serving(server, first_reply)
 
 

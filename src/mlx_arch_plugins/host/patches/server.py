@@ -23,9 +23,9 @@ Other tool parsers keep the stock behaviour.
 the server cannot serve gets a 4xx whose message names the field
 (rules: ``server_requests``):
 
-* ``APIHandler.do_POST`` reads the body first: a body that is not UTF-8 (stock
-  drops the connection) or a negative Content-Length gets 400; it answers the
-  errors the other patches raise;
+* ``APIHandler.do_POST`` reads the body first: a body that is not UTF-8 or is
+  nested past the recursion limit (stock drops the connection), or a negative
+  Content-Length, gets 400; it answers the errors the other patches raise;
 * ``APIHandler.validate_model_parameters`` checks the fields stock leaves
   unchecked before the request reaches the generation thread, and on 0.31
   turns stock's own type errors (which escape there) into a 400;
@@ -154,6 +154,22 @@ def _read_body(handler):
     return handler.rfile.read(length)
 
 
+def _check_parses(body: bytes):
+    """Stock decodes and parses the body catching only JSONDecodeError: a body that
+    is not UTF-8, or JSON nested past the recursion limit, ends the connection
+    without an answer. (Invalid JSON is left to stock, which answers 400.)"""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Answer(400, f"Request body is not valid UTF-8: {e}") from None
+    try:
+        json.loads(text)
+    except RecursionError:
+        raise _Answer(400, "Request body is JSON nested too deeply") from None
+    except ValueError:
+        pass
+
+
 def _make_do_post(original):
     def do_POST(self):
         rfile = self.rfile
@@ -161,10 +177,7 @@ def _make_do_post(original):
         try:
             body = _read_body(self)
             if body is not None:
-                try:
-                    body.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise _Answer(400, f"Request body is not valid UTF-8: {e}") from None
+                _check_parses(body)
                 self.rfile = io.BytesIO(body)  # stock reads the body from here
             original(self)
         except _Answer as answer:
