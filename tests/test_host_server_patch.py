@@ -6,9 +6,9 @@ import types
 
 import pytest
 
+from mlx_arch_plugins.deepseek_v4 import tool_parser as parser
 from mlx_arch_plugins.host.patches import patching
 from mlx_arch_plugins.host.patches import server as _server_patch
-from mlx_arch_plugins.deepseek_v4 import tool_parser as parser
 
 GOOD = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string="false">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
 BAD_CLOSED = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
@@ -18,19 +18,22 @@ TRUNCATED = '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string
 @pytest.fixture()
 def server_module():
     """Stand-ins for mlx_lm.server's classes (subclasses holding the stock methods),
-    patched by the real apply() and restored by undo() around each test."""
+    patched by the real apply() and restored around each test."""
     server = importlib.import_module("mlx_lm.server")
     fmt = types.new_class("ToolCallFormatter", (server.ToolCallFormatter,))
     fmt.__call__ = inspect.unwrap(server.ToolCallFormatter.__call__)
     handler = types.new_class("APIHandler", (object,))
     handler.generate_response = inspect.unwrap(server.APIHandler.generate_response)
     module = types.SimpleNamespace(ToolCallFormatter=fmt, APIHandler=handler)
-    saved = list(_server_patch._owners)
-    _server_patch._owners.clear()
     _server_patch.apply(module)
     yield module
-    _server_patch.undo()
-    _server_patch._owners.extend(saved)
+    _undo_stand_ins(module)
+
+
+def _undo_stand_ins(module):
+    # only the stand-ins: the real mlx_lm.server stays patched in this process
+    for owner in (module.ToolCallFormatter, module.APIHandler):
+        patching.undo(group=_server_patch.__name__, owner=owner)
 
 
 class _Handler:
@@ -96,10 +99,33 @@ def test_apply_is_idempotent_and_undo_restores(server_module):
     assert patched is not stock_call
     _server_patch.apply(server_module)
     assert fmt.__call__ is patched
-    _server_patch.undo()
+    _undo_stand_ins(server_module)
     assert fmt.__call__ is stock_call and handler.generate_response is stock_response
     assert not patching.is_patched(fmt, "__call__")
     _server_patch.apply(server_module)  # fixture teardown undoes again
+
+
+def test_undo_restores_the_real_server_and_apply_repatches():
+    """``undo()`` restores every method ``apply`` patched in mlx_lm.server (the six
+    of them); ``apply`` installs them again, once."""
+    server = importlib.import_module("mlx_lm.server")
+    _server_patch.apply(server)  # no-op when the start-up hook already did it
+    targets = [(getattr(server, cls), name) for cls, name, _ in _server_patch._PATCHES]
+    patched = [getattr(owner, name) for owner, name in targets]
+    assert len(targets) == 6 and all(patching.is_patched(o, n) for o, n in targets)
+    _server_patch.undo()
+    try:
+        for (owner, name), value in zip(targets, patched):
+            assert getattr(owner, name) is inspect.unwrap(value)
+            assert not patching.is_patched(owner, name)
+    finally:
+        _server_patch.apply(server)
+    assert all(patching.is_patched(o, n) for o, n in targets)
+    _server_patch.apply(server)
+    assert [inspect.unwrap(getattr(o, n)) for o, n in targets] == [
+        inspect.unwrap(v) for v in patched
+    ]
+    assert all(getattr(o, n).__wrapped__ is inspect.unwrap(getattr(o, n)) for o, n in targets)
 
 
 def test_unparsed_text_reconstruction():

@@ -15,8 +15,7 @@ import socket
 import urllib.request
 
 import pytest
-
-import e2e_support as es
+from helpers import e2e_support as es
 
 CHAT = "/v1/chat/completions"
 TEXT = "/v1/completions"

@@ -25,6 +25,7 @@ EOS_ID = 1
 # Scaffolding: the installed plugin wires its tokenizer patch when mlx_lm imports;
 # apply it here only if that did not happen (records that it had to).
 import mlx_lm.tokenizer_utils as _tu  # noqa: E402
+
 from mlx_arch_plugins.host.patches import patching as _patching  # noqa: E402
 
 if not _patching.is_patched(_tu, "load"):

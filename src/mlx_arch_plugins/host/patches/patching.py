@@ -156,20 +156,3 @@ def undo_all() -> List[str]:
         if not _restore(patch):
             skipped.append(_describe(patch))
     return skipped
-
-
-def undo_for(owners) -> List[str]:
-    """``undo_all`` for the patches whose owner is one of ``owners`` (a module's
-    own ``undo``); the others stay in place."""
-    owners = list(owners)
-    mine = [p for p in _applied if any(p.owner is o for o in owners)]
-    _applied[:] = [p for p in _applied if not any(p is m for m in mine)]
-    skipped = []
-    for patch in reversed(mine):
-        if getattr(patch.owner, patch.name, _MISSING) is not patch.after:
-            skipped.append(f"{getattr(patch.owner, '__name__', patch.owner)}.{patch.name}")
-        elif patch.before is _MISSING:
-            delattr(patch.owner, patch.name)
-        else:
-            setattr(patch.owner, patch.name, patch.before)
-    return skipped

@@ -56,8 +56,6 @@ from .server_requests import (
 
 __all__ = ["apply", "undo"]
 
-_owners = []  # classes apply() patched, for undo()
-
 
 # --- tool-call text ------------------------------------------------------------------
 
@@ -262,12 +260,10 @@ def apply(module) -> None:
     """Patch the classes of ``module`` that it has (a stand-in may have fewer)."""
     for cls_name, name, make in _PATCHES:
         owner = getattr(module, cls_name, None)
-        if owner is None or not callable(getattr(owner, name, None)):
-            continue
-        if patching.replace(owner, name, make) is not None and owner not in _owners:
-            _owners.append(owner)
+        if owner is not None and callable(getattr(owner, name, None)):
+            patching.replace(owner, name, make)
 
 
 def undo() -> None:
-    patching.undo_for(_owners)
-    _owners.clear()
+    """Restore every class ``apply`` patched (this module's patching group)."""
+    patching.undo()
