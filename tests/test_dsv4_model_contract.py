@@ -197,3 +197,26 @@ def test_generate_step_resumes_from_prompt_cache(checkpoints, kind, fmt):
     assert [t for t, _ in resumed] == tokens
     for i, ((_, got), (_, want)) in enumerate(zip(resumed, whole)):
         _assert_close(got[None], want[None], mx.float32, f"log-probabilities of token {i}")
+
+
+@pytest.mark.parametrize("kind,fmt", CASES, ids=ids_of)
+def test_caches_taken_out_of_a_batch_deep_copy(checkpoints, kind, fmt):
+    """mlx_lm.server keeps each finished sequence's cache (taken out of the batch
+    after packed decode steps) and deep-copies it for the next request with the
+    same prefix; the copy must decode like the cache it came from, and like the
+    model without any cache."""
+    model = _load(checkpoints(kind, fmt))
+    n = KINDS[kind][1]
+    ids = _tokens(n + 3, batch=2, seed=4)
+    rows = [make_prompt_cache(model) for _ in range(2)]
+    for b, cache in enumerate(rows):
+        model(ids[b : b + 1, :n], cache=cache)
+    batch = [type(a).merge([a, b]) for a, b in zip(*rows)]
+    for t in (n, n + 1):  # batched single-token steps: the packed decode state
+        model(ids[:, t : t + 1], cache=batch)
+    taken = [c.extract(0) for c in batch]
+    twin = copy.deepcopy(taken)
+    last = ids[:1, n + 2 : n + 3]
+    got, want = model(last, cache=twin), model(last, cache=taken)
+    assert mx.array_equal(got, want).item()
+    _assert_close(got, model(ids[:1])[:, -1:], mx.float32, "copied batch cache vs no cache")

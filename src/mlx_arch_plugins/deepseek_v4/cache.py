@@ -559,8 +559,11 @@ class PackedDecodeState:
         """``dtype``/``head_dim`` of the KV rows (for empty caches); widths:
         the compressors' row widths (0: none)."""
         st = cls()
-        st.dims = dict(window=window, ratio=ratio, dtype=dtype, head_dim=head_dim,
-                       comp_width=comp_width, index_dim=index_dim,
+        # the dtype by name: unpacked caches keep this state for their undo
+        # records, and mlx_lm.server deep-copies them (an mx.Dtype cannot be)
+        dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+        st.dims = dict(window=window, ratio=ratio, dtype=str(dtype).rsplit(".", 1)[-1],
+                       head_dim=head_dim, comp_width=comp_width, index_dim=index_dim,
                        index_width=index_width)
         st.offsets = [c.offset for c in caches]
         st.n = [c.n_comp for c in caches]
