@@ -231,10 +231,13 @@ def test_host_patches_route_mtp_and_load(monkeypatch):
     load = hp._wrap_load(mod.load)
     step = hp._wrap_speculative(mod.speculative_generate_step)
     assert load("main/path") == (TINY, "tokenizer")
-    for name in ("mtp", "main/path"):
-        draft, tok = load(name)
-        assert isinstance(draft, MTPDraft) and draft.model is TINY and tok == "tokenizer"
+    draft, tok = load("mtp")
+    assert isinstance(draft, MTPDraft) and draft.model is TINY and tok == "tokenizer"
     assert calls == ["main/path"]  # no second load, no second copy
+    # loading the main model again (mlx_lm.server reloads its default model with
+    # keywords only) gives the model, never the draft
+    assert load("main/path", adapter_path=None, tokenizer_config={}) == (TINY, "tokenizer")
+    assert calls == ["main/path", "main/path"]
     assert load("other/draft") == (TINY, "tokenizer") and calls[-1] == "other/draft"
     assert step(None, TINY, object()) == "stock"
     out = step(mx.array(list(range(9))), TINY, MTPDraft(TINY), None, max_tokens=3)

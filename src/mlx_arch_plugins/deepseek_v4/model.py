@@ -1478,8 +1478,8 @@ class Model(nn.Module):
 def make_draft_model(model: Model, name: str, main_path: Optional[str] = None):
     """The draft object for ``--draft-model name`` (the host's load patch asks
     the main model's module): the checkpoint's own MTP block, sharing every
-    weight, for ``mtp`` or the main model's own path; None for anything else
-    (a separate draft model then loads as usual)."""
+    weight, for ``mtp``; None for anything else (a separate draft model then
+    loads as usual)."""
     from .speculative import make_mtp_draft
 
     return make_mtp_draft(model, name, main_path)

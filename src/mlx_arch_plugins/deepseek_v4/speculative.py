@@ -130,9 +130,10 @@ def _on_stream(gen, stream):
 
 
 def make_mtp_draft(model, name: str, main_path: str | None = None):
-    """The draft object for ``--draft-model name``: the MTP block for the
-    keyword ``mtp`` or the main model's own path; None otherwise."""
-    if name != KEYWORD and (main_path is None or str(name) != str(main_path)):
+    """The draft object for ``--draft-model name``: the MTP block for the keyword
+    ``mtp``; None otherwise. (Not the main model's own path: stock mlx-lm loads the
+    main model again by that path, e.g. the server's default model, and must get it.)"""
+    if name != KEYWORD:
         return None
     return MTPDraft(model)
 

@@ -6,7 +6,7 @@ Two patches, both generic (no architecture is named here):
 * ``load`` as ``mlx_lm.generate`` and ``mlx_lm.server`` bound it: when a model was
   loaded before and its model module defines
   ``make_draft_model(model, name, main_path) -> draft or None``, a draft path that
-  module accepts (a keyword, or the main model's own path) gives that draft object
+  module accepts (a keyword such as `mtp`) gives that draft object
   and the main model's tokenizer, with no second copy of the weights; any other
   path loads as before.
 * ``mlx_lm.generate.speculative_generate_step``: a draft object with its own
