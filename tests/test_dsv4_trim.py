@@ -259,3 +259,19 @@ def test_prompt_cache_reuse_within_and_beyond_the_bound():
     # beyond it: computed in full rather than an error
     got, rest = fetch(lru, "m", TOKENS[:20] + OTHER[:5])
     assert got is None and rest == TOKENS[:20] + OTHER[:5]
+
+
+def test_prompt_cache_beyond_the_bound_falls_back_to_a_shorter_prefix():
+    from mlx_lm.models import cache as cache_module
+
+    lru = cache_module.LRUPromptCache()
+    long, short = make_prompt_cache(MODEL), make_prompt_cache(MODEL)
+    _feed(long, TOKENS[:60], [])
+    _feed(short, TOKENS[:10], [])
+    lru.insert_cache("m", TOKENS[:60], long)
+    lru.insert_cache("m", TOKENS[:10], short)
+    # the longer entry would need a 40-token trim (beyond the bound): stock's answer for
+    # caches that cannot trim, the shorter cached prefix
+    got, rest = lru.fetch_nearest_cache("m", TOKENS[:20] + OTHER[:5])
+    assert got is not None and got[0].offset == 10
+    assert rest == TOKENS[10:20] + OTHER[:5]

@@ -3,13 +3,18 @@
 Stock ``LRUPromptCache.fetch_nearest_cache`` trims a longer cached prompt down to the
 common prefix by any number of tokens. A cache that undoes only a bounded tail (it says
 so by having ``max_trim()``; its ``trim`` raises beyond it) makes that trim fail; the
-patched fetch then answers "nothing cached" (the prompt is computed in full) instead of
-failing the request. Trims within the bound reuse the longer prefix as stock intends.
+patched fetch then asks stock again with trimming off for that one call, so it falls back
+to what it does for caches that cannot trim (a shorter cached prefix, or nothing) instead
+of failing the request. Trims within the bound reuse the longer prefix as stock intends.
 """
 
 from __future__ import annotations
 
+import threading
+
 from . import patching
+
+_no_trim = threading.local()  # set while a fetch is retried without trimming
 
 
 def _wrap_fetch(fetch):
@@ -17,9 +22,20 @@ def _wrap_fetch(fetch):
         try:
             return fetch(self, model, tokens)
         except ValueError:  # a bounded cache refused a long trim
-            return None, tokens
+            _no_trim.on = True
+            try:
+                return fetch(self, model, tokens)
+            finally:
+                _no_trim.on = False
 
     return fetch_nearest_cache
+
+
+def _wrap_can_trim(can_trim):
+    def can_trim_prompt_cache(cache):
+        return False if getattr(_no_trim, "on", False) else can_trim(cache)
+
+    return can_trim_prompt_cache
 
 
 def apply(module):
@@ -27,3 +43,4 @@ def apply(module):
     cls = getattr(module, "LRUPromptCache", None)
     if cls is not None:
         patching.replace(cls, "fetch_nearest_cache", _wrap_fetch)
+        patching.replace(module, "can_trim_prompt_cache", _wrap_can_trim)
