@@ -12,7 +12,8 @@ replaced; ``undo_all`` restores it all):
   checkpoint errors, load progress (``progress``), convert hooks.
 * ``tokenizer``: ``mlx_lm.tokenizer_utils.load``: plugin chat templates and tool parsers,
   the ``tokenizer.json`` fallback (``tokenizer_fallback``).
-* ``server``: ``mlx_lm.server``: malformed tool-call text is kept as content.
+* ``server``: ``mlx_lm.server``: a bad request gets 400 naming the field (before it reaches
+  the generation thread); malformed tool-call text is kept as content.
 * ``speculative``: ``mlx_lm.generate`` / ``mlx_lm.server``: draft models an architecture
   brings itself (``--draft-model``), and its own speculative loop.
 
