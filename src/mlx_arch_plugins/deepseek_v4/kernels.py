@@ -82,10 +82,8 @@ def use_sinkhorn_kernel(rows: int) -> bool:
 
 def sinkhorn_split(mixes, scale, base, hc: int, iters: int, eps: float):
     """pre [.., hc], post [.., hc], comb [.., hc, hc] from the float32 mixing
-    logits ``mixes`` [.., (2+hc)*hc]; None when the kernel is not available."""
+    logits ``mixes`` [.., (2+hc)*hc]. Only where ``use_sinkhorn_kernel`` said yes."""
     global _KERNEL
-    if not cuda_enabled():
-        return None
     if _KERNEL is None:
         _KERNEL = mx.fast.cuda_kernel(
             name="dsv4_sinkhorn_split",

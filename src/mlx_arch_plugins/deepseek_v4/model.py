@@ -513,10 +513,6 @@ class HyperConnection(nn.Module):
             self.norm_eps,
         )
 
-    @staticmethod
-    def expand(y, residual, post, comb):
-        return _hc_expand(y, residual, post, comb)
-
 
 class HyperHead(nn.Module):
     """Final collapse of the hc streams (sigmoid weights, no Sinkhorn)."""
@@ -1325,13 +1321,13 @@ class DeepseekV4Block(nn.Module):
             return back(o, h, post, comb, input_ids)
         x, post, comb = self.attn_hc.collapse(h)
         y = self.attn(self.attn_norm(x), cache)
-        h = HyperConnection.expand(y, h, post, comb)
+        h = _hc_expand(y, h, post, comb)
         return self._ffn_half(h, input_ids)
 
     def _ffn_half(self, h, input_ids):
         x, post, comb = self.ffn_hc.collapse(h)
         y = self.ffn(self.ffn_norm(x), input_ids)
-        return HyperConnection.expand(y, h, post, comb)
+        return _hc_expand(y, h, post, comb)
 
     def _front_impl(self, h, index):
         x, post, comb = self.attn_hc.collapse(h)
@@ -1339,7 +1335,7 @@ class DeepseekV4Block(nn.Module):
         return q, kv, tuple(proj.get(k) for k in _PROJ_KEYS if k in proj), post, comb
 
     def _back_impl(self, o, h, post, comb, input_ids):
-        h = HyperConnection.expand(self.attn.output(o), h, post, comb)
+        h = _hc_expand(self.attn.output(o), h, post, comb)
         return self._ffn_half(h, input_ids)
 
     def _compiled_decode(self):
