@@ -33,8 +33,11 @@ def server(ckpt, tmp_path_factory):
 
 
 def _messages(i):
-    # 16 prompts of different lengths (3 .. 33 words)
-    text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + 2 * i))
+    # 16 prompts of different lengths (20 .. 50 words). They share only the chat
+    # template's first tokens, so reusing another prompt's cache would take a trim
+    # longer than the caches undo: each prompt is pre-filled whole and its progress
+    # lines carry its own length.
+    text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(20 + 2 * i))
     return [{"role": "user", "content": f"Count: {text}."}]
 
 

@@ -29,14 +29,11 @@ BOUND_MAXDEV = 4.0
 WITHIN_MIN = 0.98  #    ... for at least 98% of positions
 MEAN_MAX = 1e-2  # 2. mean |logit - target| <= 1e-2
 TOP1_MIN = 0.97  # 3. top-1 agreement >= 97% of positions
-# A bf16 run, compared loosely with the same fp32 targets (the README's bf16 note):
-BF16_MEAN_MAX = 0.25
-BF16_TOP1_MIN = 0.85
-
-
 def _unsupported(error: Exception) -> bool:
-    """True for a backend that has no kernel for a float32 problem (MLX CUDA has no
-    float32 mxfp8 quantized matmul): the check then runs in bfloat16 instead."""
+    """True when the backend has no quantized-matmul kernel for a problem shape: MLX CUDA
+    has none for the tiny checkpoint's mxfp8 layers (seen on the H200: "No implementation
+    for problem shape: 40x128x128x1 ... mxfp8", in float32 and bfloat16 alike; the real
+    Flash shapes run)."""
     return isinstance(error, (RuntimeError, ValueError)) and "No implementation" in str(error)
 
 
@@ -44,22 +41,22 @@ def selftest(report):
     """Call ``report(check, ok, detail)`` once per check."""
     want, maxdev = _expected()
     model = _load()
-    dtype = mx.float32
     logits = {}
     for mode in ("compiled", "eager"):
         try:
             with _compile_mode(mode == "compiled"):
                 logits[mode] = _protocol(model)
         except Exception as e:
-            if dtype != mx.float32 or not _unsupported(e):
+            if not _unsupported(e):
                 raise
-            report(f"float32 run ({mode})", True, f"not supported here, bfloat16 instead: {e}")
-            dtype = mx.bfloat16
-            model.set_dtype(dtype)
+            # FP8/FP4 values times power-of-two scales are exact in float32, so the
+            # dequantized model is the same model: everything but the quantized kernels
+            # is still checked against the reference.
+            report(f"quantized kernels ({mode})", True, f"dequantized instead: {e}")
+            model = _dequantized(model)
             with _compile_mode(mode == "compiled"):
                 logits[mode] = _protocol(model)
-        checks = golden_checks if dtype == mx.float32 else bf16_checks
-        report(f"reference logits, {mode}", *checks(logits[mode], want, maxdev))
+        report(f"reference logits, {mode}", *golden_checks(logits[mode], want, maxdev))
     diff = np.abs(logits["compiled"] - logits["eager"])
     same_top1 = bool((logits["compiled"].argmax(-1) == logits["eager"].argmax(-1)).all())
     within = float((diff.max(-1) <= np.maximum(BOUND_FLOOR, BOUND_MAXDEV * maxdev)).mean())
@@ -73,16 +70,12 @@ def selftest(report):
         report(name, ok, detail)
 
 
-def bf16_checks(got, want, maxdev):
-    """(ok, detail) of the README's loose bound for a bfloat16 run."""
-    mean = float(np.abs(got - want).mean())
-    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-    ok = mean <= BF16_MEAN_MAX and top1 >= BF16_TOP1_MIN
-    detail = (
-        f"bfloat16 run: mean {mean:.3g} (<= {BF16_MEAN_MAX:g}); "
-        f"top-1 {top1:.1%} (>= {BF16_TOP1_MIN:.0%})"
-    )
-    return ok, detail
+def _dequantized(model):
+    from mlx_lm.utils import dequantize_model  # the host's: the grouped wo_a too
+
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    return model
 
 
 def golden_checks(got, want, maxdev):
