@@ -33,12 +33,12 @@ def server(ckpt, tmp_path_factory):
 
 
 def _messages(i):
-    # 16 prompts of different lengths (20 .. 50 words). They share only the chat
-    # template's first tokens, so reusing another prompt's cache would take a trim
-    # longer than the caches undo: each prompt is pre-filled whole and its progress
-    # lines carry its own length.
+    # 16 prompts of different lengths (20 .. 50 words), each numbered right after the
+    # chat template's first tokens: no prompt is a prefix of another, and reusing
+    # another's cache would take a trim longer than the caches undo, so each prompt is
+    # pre-filled whole and its progress lines carry its own length.
     text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(20 + 2 * i))
-    return [{"role": "user", "content": f"Count: {text}."}]
+    return [{"role": "user", "content": f"Count {i}: {text}."}]
 
 
 def _ask(client, messages, **kw):
