@@ -32,6 +32,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import perf  # noqa: E402
 
+
 def emit(kind, **kw):
     print("JSON " + json.dumps({"kind": kind, **kw}), flush=True)
 
@@ -74,7 +75,7 @@ def chain(name, fn, x0, n=200, runs=5):
 def csa_parts(model, cache, T):
     """The pieces of a CSA layer's decode step at context T, each timed alone
     on the layer's real cache (R copies per graph)."""
-    idx = [i for i, l in enumerate(model.model.layers) if l.attn.ratio == 4]
+    idx = [i for i, layer in enumerate(model.model.layers) if layer.attn.ratio == 4]
     if not idx:
         return
     attn, c = model.model.layers[idx[0]].attn, cache[idx[0]]
@@ -145,7 +146,7 @@ def csa_ablate(model, cache, T, steps, runs):
     inside the real step (differences between rows). Only meaningful once
     the indexer selects (T/4 > top-k)."""
     dsv4, _, _ = perf._dsv4()
-    idx = [i for i, l in enumerate(model.model.layers) if l.attn.ratio == 4]
+    idx = [i for i, layer in enumerate(model.model.layers) if layer.attn.ratio == 4]
     if not idx:
         return
     layer, c = model.model.layers[idx[0]], cache[idx[0]]

@@ -162,7 +162,8 @@ def _use_src():
 def _dsv4():
     _use_src()
     full = _mlx_lm_models_only()
-    from mlx_arch_plugins.deepseek_v4 import model as deepseek_v4, cache as deepseek_v4_cache
+    from mlx_arch_plugins.deepseek_v4 import cache as deepseek_v4_cache
+    from mlx_arch_plugins.deepseek_v4 import model as deepseek_v4
 
     return deepseek_v4, deepseek_v4_cache, full
 
@@ -218,7 +219,7 @@ def build_random(width, n_layers, fmt, kinds=None, seed=0, overrides=None):
     # Build, cast and quantize one part at a time so that only one layer's
     # float weights exist at once.
     parts = [("model.embed_tokens", model.model.embed_tokens), ("lm_head", model.lm_head)]
-    parts += [(f"model.layers.{i}", l) for i, l in enumerate(model.model.layers)]
+    parts += [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
     for prefix, mod in parts:
         for name, p in _flat(mod.parameters()):
             full = f"{prefix}.{name}"
@@ -882,7 +883,8 @@ def main(argv=None):
     vocab = getattr(args, "vocab_size", 32000)
     ctxs = [int(x) for x in o.contexts.split(",") if x]
     batches = [int(x) for x in o.batches.split(",") if x]
-    do = (lambda w: o.what in ("all", w))
+    def do(what):
+        return o.what in ("all", what)
 
     def over_budget():
         return time.perf_counter() - t_start > o.budget_s

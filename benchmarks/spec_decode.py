@@ -30,7 +30,7 @@ from mlx import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import perf
+import perf  # noqa: E402  (after the path insert above)
 
 
 def build(layers, experts, width="flash", seed=0):

@@ -1,7 +1,6 @@
 """Fixtures shared by the test modules; helpers live in tests/helpers/."""
 
 import pytest
-
 from helpers import e2e_support as es
 
 

@@ -6,7 +6,6 @@ import copy
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from helpers.dsv4_golden import inputs, load_case
 from mlx_lm.models.cache import (
     load_prompt_cache,
@@ -150,8 +149,9 @@ def test_left_padding_prepare(model, tokens):
 
 
 def test_trim_beyond_the_bound_is_refused(model, tokens):
-    from mlx_arch_plugins.deepseek_v4.cache import TRIM_BOUND
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    from mlx_arch_plugins.deepseek_v4.cache import TRIM_BOUND
 
     cache = make_prompt_cache(model)
     model(mx.array([tokens[:50]]), cache=cache)

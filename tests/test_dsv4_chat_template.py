@@ -4,8 +4,8 @@ import copy
 import json
 
 import pytest
-
 from helpers import chat_support as cs
+
 from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl
 
 ENCODE = cs.encode_cases()

@@ -15,8 +15,8 @@ try:
 except ImportError:  # the device machine may lack pytest; see __main__
     pytest = None
 
-from mlx_arch_plugins.deepseek_v4 import model as dsv4  # noqa: E402
 from mlx_arch_plugins.deepseek_v4 import kernels as kern  # noqa: E402
+from mlx_arch_plugins.deepseek_v4 import model as dsv4  # noqa: E402
 
 HC, ITERS, EPS = 4, 20, 1e-6
 

@@ -9,9 +9,9 @@ the widest score buffer must not grow with the prompt.
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers.dsv4_golden import CASES, inputs, load_case
 from mlx_lm.models.cache import make_prompt_cache
 
-from helpers.dsv4_golden import CASES, inputs, load_case
 from mlx_arch_plugins.deepseek_v4.model import DeepseekV4Attention
 
 pytestmark = pytest.mark.compat

@@ -10,9 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from helpers.dsv4_golden import CASES, expected, fp32_checks, inputs, load_case, run_protocol
 from mlx_lm.models.cache import make_prompt_cache
 
-from helpers.dsv4_golden import CASES, expected, fp32_checks, inputs, load_case, run_protocol
 from mlx_arch_plugins.deepseek_v4 import model as dsv4
 
 pytestmark = pytest.mark.compat

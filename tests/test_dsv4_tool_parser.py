@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from helpers import chat_support as cs
+
 from mlx_arch_plugins.deepseek_v4 import tool_parser as parser
 
 DECODE = cs.decode_cases()

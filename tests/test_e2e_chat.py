@@ -2,7 +2,6 @@
 turns typed on stdin, greedy."""
 
 import pytest
-
 from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat

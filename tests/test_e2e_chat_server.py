@@ -5,6 +5,10 @@ from the decode cases (real tokenizer) and records every prompt it receives, so
 these tests check what the server renders and how it parses DSML output.
 """
 
+# mlx-lm < 0.32 matches tool markers on token ids; "\n\n<｜DSML｜tool_calls>" has no
+# stable token sequence (">\n", ".\n\n" merge), so tool calls are not detected there
+# and the DSML stays in the content (nothing is lost). See docs/chat.md.
+import importlib  # noqa: E402
 import json
 import os
 import shutil
@@ -15,13 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import chat_support as cs
-
-# mlx-lm < 0.32 matches tool markers on token ids; "\n\n<｜DSML｜tool_calls>" has no
-# stable token sequence (">\n", ".\n\n" merge), so tool calls are not detected there
-# and the DSML stays in the content (nothing is lost). See docs/chat.md.
-import importlib  # noqa: E402
 
 # (the mlx_lm package attribute "generate" is the function, not the module)
 TEXT_MARKERS = hasattr(importlib.import_module("mlx_lm.generate"), "TextStateMachine")
@@ -51,7 +49,7 @@ class Server:
         path = self.folder / "prompts.jsonl"
         if not path.exists():
             return []
-        return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l]
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
     def last_prompt(self):
         prompts = self.prompts()

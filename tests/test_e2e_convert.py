@@ -11,7 +11,6 @@ carried over, and generation from the converted folder.
 import json
 
 import pytest
-
 from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat

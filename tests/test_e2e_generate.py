@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat

@@ -14,7 +14,6 @@ import threading
 import time
 
 import pytest
-
 from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat

@@ -14,7 +14,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from helpers import toys
 
 toys.ensure_installed()

@@ -3,7 +3,6 @@
 import io
 
 import pytest
-
 from helpers import e2e_support as es
 
 pytestmark = pytest.mark.compat
@@ -22,12 +21,12 @@ def test_generate_prints_shard_and_layer_progress(sharded):
     assert len(shards) >= 3
     args = ("generate", "--model", sharded, "--prompt", "Hi", "--max-tokens", 2)
     on = es.run_mlx_lm(*args, env=es.subprocess_env(MLX_ARCH_PLUGINS_PROGRESS_AFTER="0"))
-    lines = [l for l in on.stderr.splitlines() if l.startswith("[mlx-arch-plugins]")]
+    lines = [line for line in on.stderr.splitlines() if line.startswith("[mlx-arch-plugins]")]
     n = len(shards)
     assert lines[0].startswith(f"[mlx-arch-plugins] loading deepseek_v4 from {sharded}: {n} shard(s)")
     # the last shard and the last layer are always reported (others at most once a second)
-    assert any(f"shard {n}/{n} read: {shards[-1].name}" in l for l in lines), lines
-    assert any("layer 3/3 read and re-packed" in l for l in lines), lines
+    assert any(f"shard {n}/{n} read: {shards[-1].name}" in line for line in lines), lines
+    assert any("layer 3/3 read and re-packed" in line for line in lines), lines
     assert lines[-1].startswith("[mlx-arch-plugins] loaded in ")
 
     assert es.generated_text(on.stdout)  # and generation went on as usual
@@ -69,7 +68,7 @@ def test_reporter_rate_limit_and_threshold():
     lines = out.getvalue().splitlines()
     assert lines[0] == "[mlx-arch-plugins] header"
     assert lines[1].startswith("[mlx-arch-plugins] step 0 [")
-    assert not any("step 1 " in l for l in lines)  # within one second of the previous line
+    assert not any("step 1 " in line for line in lines)  # within one second of the previous line
     assert lines[-2].startswith("[mlx-arch-plugins] last [")
     assert lines[-1].startswith("[mlx-arch-plugins] loaded in ")
 

@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
 from helpers import chat_support as cs
+
+from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl
 from mlx_arch_plugins.host.patches import patching, tokenizer_fallback
 from mlx_arch_plugins.host.patches import tokenizer as _tokenizer_patch
-from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl
 
 ENCODE = {c["id"]: c for c in cs.encode_cases()}
 TOOL_CASE = ENCODE["enc-014-single-tool-call-roundtrip"]

@@ -33,10 +33,9 @@ from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
 from . import kernels as _kernels
 from . import packed_decode
 from .cache import BatchDeepseekV4Cache, DeepseekV4Cache
+from .chat_template import TOKENIZER_DEFAULTS, detect_release  # noqa: F401  (host declaration)
+from .convert import convert_dequantize, convert_quantize  # noqa: F401  (host declarations)
 from .shard import pipeline_hidden, pipeline_split, shard_model
-
-from .chat_template import TOKENIZER_DEFAULTS, detect_release
-from .convert import convert_dequantize, convert_quantize
 
 # What the plugin host reads from this module (see mlx_arch_plugins.host.plugins).
 CACHE_CLASSES = (DeepseekV4Cache, BatchDeepseekV4Cache)

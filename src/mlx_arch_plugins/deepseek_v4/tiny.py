@@ -31,8 +31,8 @@ import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from statistics import NormalDist
 from typing import Callable, Iterator, List, Optional
 

@@ -16,9 +16,9 @@ is one group), so one patch module can be undone on its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import contextlib
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 _MISSING = object()

@@ -33,9 +33,9 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import patching
-
 import numpy as np
+
+from . import patching
 
 __all__ = [
     "SafetensorsError",
