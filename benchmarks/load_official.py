@@ -58,8 +58,22 @@ def checkpoint_bytes(d: Path) -> int:
 
 def build(dst: Path, layers: int, experts: int, seed: int) -> float:
     t = time.perf_counter()
-    cmd = [sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(dst), "--format", "official",
-           "--preset", "flash", "--layers", str(layers), "--experts", str(experts), "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_arch_plugins.deepseek_v4.tiny",
+        str(dst),
+        "--format",
+        "official",
+        "--preset",
+        "flash",
+        "--layers",
+        str(layers),
+        "--experts",
+        str(experts),
+        "--seed",
+        str(seed),
+    ]
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t
 
@@ -77,14 +91,21 @@ def measure(d: Path, python: str) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", help="existing official-format checkpoint (skip building)")
-    ap.add_argument("--layers", type=int, default=3, help="Flash layers to build (default 3: ratios 0, 0, 4)")
+    ap.add_argument(
+        "--layers", type=int, default=3, help="Flash layers to build (default 3: ratios 0, 0, 4)"
+    )
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", help="build into this directory and keep it")
-    ap.add_argument("--python", default=sys.executable,
-                    help="interpreter that loads the checkpoint (e.g. a venv with mlx 0.31)")
+    ap.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter that loads the checkpoint (e.g. a venv with mlx 0.31)",
+    )
     args = ap.parse_args(argv)
 
     tmp = None
@@ -110,7 +131,8 @@ def main(argv=None):
             "build_s": build_s,
             **r,
             "peak_rss_over_checkpoint": r["peak_rss_bytes"] / size,
-            "peak_minus_baseline_over_checkpoint": (r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / size,
+            "peak_minus_baseline_over_checkpoint": (r["peak_rss_bytes"] - r["baseline_rss_bytes"])
+            / size,
             "target": 1.2,
         }
         print(json.dumps(result))

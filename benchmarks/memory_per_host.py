@@ -232,7 +232,9 @@ def main():
                 tp = weights_per_host(cfg, fmt, n, "tensor") / GIB
                 pp = weights_per_host(cfg, fmt, n, "pipeline") / GIB
                 tkv = " / ".join(f"{kv_per_host(cfg, c, n, 'tensor') / GIB:.2f}" for c in a.context)
-                pkv = " / ".join(f"{kv_per_host(cfg, c, n, 'pipeline') / GIB:.2f}" for c in a.context)
+                pkv = " / ".join(
+                    f"{kv_per_host(cfg, c, n, 'pipeline') / GIB:.2f}" for c in a.context
+                )
                 rows.append([label, str(n), f"{tp:.1f}", tkv, f"{pp:.1f}", pkv])
         ctx = " / ".join(f"{c // 1024}K" for c in a.context)
         print(f"GiB per host; KV per sequence at {ctx} tokens")

@@ -94,18 +94,38 @@ def csa_parts(model, cache, T):
     top = mx.argpartition(-score, kth=ind.topk - 1, axis=-1)[:, : ind.topk]
     mx.eval(top)
     tag = f"CSA T={T} N={N}"
-    micro(f"{tag} projections (all)", lambda x, qr: list(attn._project(x, qr, True).values()),
-          lambda i: (x + i * 1e-3, qr), reps=16)
-    micro(f"{tag} index queries", lambda a: ind.queries(a, T),
-          lambda i: ind.wq_b(qr) + i * 1e-3, reps=16)
-    micro(f"{tag} index scores", lambda a: ind.scores(a, iw, c.index),
-          lambda i: iq + i * 1e-3, reps=16)
-    micro(f"{tag} argpartition", lambda s: mx.argpartition(-s, kth=ind.topk - 1, axis=-1),
-          lambda i: score + i * 1e-3, reps=16)
+    micro(
+        f"{tag} projections (all)",
+        lambda x, qr: list(attn._project(x, qr, True).values()),
+        lambda i: (x + i * 1e-3, qr),
+        reps=16,
+    )
+    micro(
+        f"{tag} index queries",
+        lambda a: ind.queries(a, T),
+        lambda i: ind.wq_b(qr) + i * 1e-3,
+        reps=16,
+    )
+    micro(
+        f"{tag} index scores",
+        lambda a: ind.scores(a, iw, c.index),
+        lambda i: iq + i * 1e-3,
+        reps=16,
+    )
+    micro(
+        f"{tag} argpartition",
+        lambda s: mx.argpartition(-s, kth=ind.topk - 1, axis=-1),
+        lambda i: score + i * 1e-3,
+        reps=16,
+    )
     hd = attn.head_dim
     cap = c._comp.shape[1]
-    micro(f"{tag} gather entries", lambda t: c._comp.reshape(-1, hd)[t.reshape(-1)],
-          lambda i: (top + i) % N, reps=16)
+    micro(
+        f"{tag} gather entries",
+        lambda t: c._comp.reshape(-1, hd)[t.reshape(-1)],
+        lambda i: (top + i) % N,
+        reps=16,
+    )
     # one compressor step: 4 tokens so that one block completes
     x4 = (mx.random.normal((1, 4, model.args.hidden_size)) * 0.1).astype(mx.bfloat16)
     mx.eval(x4)
@@ -118,6 +138,7 @@ def csa_parts(model, cache, T):
         cc.comp_kv = cc.comp_score = cc.index_kv = cc.index_score = None
         n = attn._update_compressed(pr, off, cc)
         return [cc._comp, cc._index, mx.array(n)]
+
     start = (T // 4) * 4
     micro(f"{tag} compress+append one block (cap {cap})", compress, lambda i: (start,), reps=8)
 
@@ -151,7 +172,7 @@ def csa_ablate(model, cache, T, steps, runs):
         return
     layer, c = model.model.layers[idx[0]], cache[idx[0]]
     ind = layer.attn.indexer
-    h = (mx.random.normal((1, 1, model.args.hc_mult, model.args.hidden_size)) * 0.1)
+    h = mx.random.normal((1, 1, model.args.hc_mult, model.args.hidden_size)) * 0.1
     h = h.astype(mx.bfloat16)
     ids = mx.zeros((1, 1), dtype=mx.int32)
     mx.eval(h)
@@ -169,13 +190,17 @@ def csa_ablate(model, cache, T, steps, runs):
             return top[..., : a.shape[-1]]
         return orig[2](a, kth=kth, axis=axis)
 
-    steps_ = [("as is", None),
-              ("index queries constant", lambda: setattr(dsv4.Indexer, "queries",
-                                                         lambda self, q, o: iq)),
-              ("+ index scores constant", lambda: setattr(
-                  dsv4.Indexer, "scores",
-                  lambda self, q, w, k: score[:, None, : k.shape[1]])),
-              ("+ top-k constant", lambda: setattr(mx, "argpartition", argp))]
+    steps_ = [
+        ("as is", None),
+        ("index queries constant", lambda: setattr(dsv4.Indexer, "queries", lambda self, q, o: iq)),
+        (
+            "+ index scores constant",
+            lambda: setattr(
+                dsv4.Indexer, "scores", lambda self, q, w, k: score[:, None, : k.shape[1]]
+            ),
+        ),
+        ("+ top-k constant", lambda: setattr(mx, "argpartition", argp)),
+    ]
     try:
         for name, patch in steps_:
             if patch:
@@ -206,8 +231,16 @@ def batch_nodes(model, args, T, B):
                 outs += [a for a in (st.window, st.comp, st.index) if a is not None]
                 outs += [a for pair in st.rings.values() for a in pair]
             n, by = kernel_nodes(outs)
-            emit("batch_nodes", form=form, context=T, batch=B, layer=i,
-                 ratio=layer.attn.ratio, kernels=n, by=by)
+            emit(
+                "batch_nodes",
+                form=form,
+                context=T,
+                batch=B,
+                layer=i,
+                ratio=layer.attn.ratio,
+                kernels=n,
+                by=by,
+            )
             mx.eval(outs)
 
 
@@ -220,10 +253,15 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--no-micro", action="store_true")
     p.add_argument("--layers-only", action="store_true", help="skip node counts")
-    p.add_argument("--ablate", action="store_true",
-                   help="CSA step with indexer pieces replaced by constants")
-    p.add_argument("--batch-nodes", type=int, default=0,
-                   help="node counts of a packed vs aligned decode step at this batch")
+    p.add_argument(
+        "--ablate", action="store_true", help="CSA step with indexer pieces replaced by constants"
+    )
+    p.add_argument(
+        "--batch-nodes",
+        type=int,
+        default=0,
+        help="node counts of a packed vs aligned decode step at this batch",
+    )
     opts = p.parse_args(argv)
     dsv4, _, _ = perf._dsv4()
     emit("env", device=str(mx.default_device()), mlx=mx.__version__)
@@ -231,41 +269,81 @@ def main(argv=None):
     bf = mx.bfloat16
     if not opts.no_micro:
         # per-kernel floor: a dependent chain of tiny elementwise kernels
-        chain("tiny elementwise (dependent)", lambda x: x * 1.0001 + 1.0,
-              mx.zeros((1, 4096), dtype=bf))
-        micro("tiny elementwise (independent)", lambda x: x * 1.0001 + 1.0,
-              lambda i: mx.full((1, 4096), float(i), dtype=bf))
-        micro("qat_round fp8 [1,1,448]", lambda x: dsv4.qat_round(x, 64, "fp8"),
-              lambda i: mx.random.normal((1, 1, 448)).astype(bf))
-        micro("qat_round fp4 [1,1,64,128]", lambda x: dsv4.qat_round(x, 32, "fp4"),
-              lambda i: mx.random.normal((1, 1, 64, 128)).astype(bf))
+        chain(
+            "tiny elementwise (dependent)",
+            lambda x: x * 1.0001 + 1.0,
+            mx.zeros((1, 4096), dtype=bf),
+        )
+        micro(
+            "tiny elementwise (independent)",
+            lambda x: x * 1.0001 + 1.0,
+            lambda i: mx.full((1, 4096), float(i), dtype=bf),
+        )
+        micro(
+            "qat_round fp8 [1,1,448]",
+            lambda x: dsv4.qat_round(x, 64, "fp8"),
+            lambda i: mx.random.normal((1, 1, 448)).astype(bf),
+        )
+        micro(
+            "qat_round fp4 [1,1,64,128]",
+            lambda x: dsv4.qat_round(x, 32, "fp4"),
+            lambda i: mx.random.normal((1, 1, 64, 128)).astype(bf),
+        )
         rope = dsv4.DeepseekV4RoPE(64, 10000.0)
-        micro("rope q [1,64,1,512]", lambda x: rope(x, 1000),
-              lambda i: mx.random.normal((1, 64, 1, 512)).astype(bf))
-        micro("rms_norm [1,1,64,512]", lambda x: mx.fast.rms_norm(x, None, 1e-6),
-              lambda i: mx.random.normal((1, 1, 64, 512)).astype(bf))
+        micro(
+            "rope q [1,64,1,512]",
+            lambda x: rope(x, 1000),
+            lambda i: mx.random.normal((1, 64, 1, 512)).astype(bf),
+        )
+        micro(
+            "rms_norm [1,1,64,512]",
+            lambda x: mx.fast.rms_norm(x, None, 1e-6),
+            lambda i: mx.random.normal((1, 1, 64, 512)).astype(bf),
+        )
         sinks = mx.zeros((64,), dtype=bf)
         for nk, masked in ((128, False), (384, True), (640, True)):
+
             def sd(q, k, m, masked=masked):
                 return mx.fast.scaled_dot_product_attention(
-                    q, k, k, scale=0.04, mask=m if masked else None, sinks=sinks)
-            micro(f"sdpa H64 keys {nk} mask {masked}", sd, lambda i, nk=nk: (
-                mx.random.normal((1, 64, 1, 512)).astype(bf),
-                mx.random.normal((1, 1, nk, 512)).astype(bf),
-                mx.ones((1, 1, 1, nk), dtype=mx.bool_)))
+                    q, k, k, scale=0.04, mask=m if masked else None, sinks=sinks
+                )
+
+            micro(
+                f"sdpa H64 keys {nk} mask {masked}",
+                sd,
+                lambda i, nk=nk: (
+                    mx.random.normal((1, 64, 1, 512)).astype(bf),
+                    mx.random.normal((1, 1, nk, 512)).astype(bf),
+                    mx.ones((1, 1, 1, nk), dtype=mx.bool_),
+                ),
+            )
         for n in (256, 8192, 32768):
-            micro(f"argpartition top512 of {n}" if n > 512 else f"argpartition top6 of {n}",
-                  lambda s, n=n: mx.argpartition(-s, kth=(511 if n > 512 else 5), axis=-1),
-                  lambda i, n=n: mx.random.normal((1, 1, n)))
-            micro(f"indexer scores N={n}", lambda q, w, k: (
-                mx.maximum((q @ k[:, None].swapaxes(-1, -2)).astype(mx.float32), 0)
-                * w[..., None]).sum(2), lambda i, n=n: (
-                mx.random.normal((1, 1, 64, 128)).astype(bf),
-                mx.random.normal((1, 1, 64)),
-                mx.random.normal((1, n, 128)).astype(bf)))
-        micro("gather 512 of 32768 entries x512", lambda f, t: f[t],
-              lambda i: (mx.random.normal((32768, 512)).astype(bf),
-                         mx.random.randint(0, 32768, (512,))), reps=16)
+            micro(
+                f"argpartition top512 of {n}" if n > 512 else f"argpartition top6 of {n}",
+                lambda s, n=n: mx.argpartition(-s, kth=(511 if n > 512 else 5), axis=-1),
+                lambda i, n=n: mx.random.normal((1, 1, n)),
+            )
+            micro(
+                f"indexer scores N={n}",
+                lambda q, w, k: (
+                    mx.maximum((q @ k[:, None].swapaxes(-1, -2)).astype(mx.float32), 0)
+                    * w[..., None]
+                ).sum(2),
+                lambda i, n=n: (
+                    mx.random.normal((1, 1, 64, 128)).astype(bf),
+                    mx.random.normal((1, 1, 64)),
+                    mx.random.normal((1, n, 128)).astype(bf),
+                ),
+            )
+        micro(
+            "gather 512 of 32768 entries x512",
+            lambda f, t: f[t],
+            lambda i: (
+                mx.random.normal((32768, 512)).astype(bf),
+                mx.random.randint(0, 32768, (512,)),
+            ),
+            reps=16,
+        )
 
     model, _, args = perf.build_random(opts.width, 3, opts.format)
     for T in [int(t) for t in opts.contexts.split(",")]:

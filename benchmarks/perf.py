@@ -237,8 +237,11 @@ def build_random(width, n_layers, fmt, kinds=None, seed=0, overrides=None):
             q = pred(prefix, mod)
             if q:
                 q = q if isinstance(q, dict) else {"group_size": 64, "bits": 4}
-                setattr(model if prefix == "lm_head" else model.model,
-                        prefix.split(".")[-1], mod.to_quantized(**q))
+                setattr(
+                    model if prefix == "lm_head" else model.model,
+                    prefix.split(".")[-1],
+                    mod.to_quantized(**q),
+                )
         else:
             nn.quantize(
                 mod,
@@ -356,8 +359,9 @@ def fill_fast(model, batch, T, seed_prompt, vocab, step):
 
 def fill_cache(model, batch, T, opts, vocab):
     if is_dsv4(model):
-        return fill_fast(model, batch, T, min(opts.seed_prompt, T), vocab,
-                         opts.seed_step or opts.prefill_step)
+        return fill_fast(
+            model, batch, T, min(opts.seed_prompt, T), vocab, opts.seed_step or opts.prefill_step
+        )
     cache = make_cache(model, batch)
     prefill(model, cache, mx.random.randint(0, vocab, (batch, T)), opts.prefill_step)
     return cache
@@ -368,9 +372,7 @@ def batch_cache(cache_list):
     holding the sequences' own caches."""
     _, cmod, _ = _dsv4()
     n_layers = len(cache_list[0])
-    return [
-        cmod.BatchDeepseekV4Cache([cl[i] for cl in cache_list]) for i in range(n_layers)
-    ]
+    return [cmod.BatchDeepseekV4Cache([cl[i] for cl in cache_list]) for i in range(n_layers)]
 
 
 def cache_bytes(cache):
@@ -609,7 +611,9 @@ def layer_times(model, args, cache, batch, steps, runs):
                 prev = o
             mx.eval(prev)
             per.append((time.perf_counter() - t0) * 1e3 / steps)
-        out.append((c.compress_ratio if hasattr(c, "compress_ratio") else None, statistics.median(per)))
+        out.append(
+            (c.compress_ratio if hasattr(c, "compress_ratio") else None, statistics.median(per))
+        )
     return out
 
 
@@ -619,8 +623,16 @@ def layer_times(model, args, cache, batch, steps, runs):
 
 # Primitives that are views (no kernel of their own in the count).
 VIEWS = {
-    "Slice", "Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose",
-    "Flatten", "Unflatten", "View", "Split",
+    "Slice",
+    "Broadcast",
+    "Reshape",
+    "ExpandDims",
+    "Squeeze",
+    "Transpose",
+    "Flatten",
+    "Unflatten",
+    "View",
+    "Split",
 }
 
 
@@ -732,9 +744,7 @@ def _kind(layer):
 
 
 # The Flash layer mix by kind: layers 0-2 are hash-routed (window, window, CSA).
-FLASH_KINDS = collections.Counter(
-    (r, i < 3) for i, r in enumerate(FLASH_RATIOS)
-)
+FLASH_KINDS = collections.Counter((r, i < 3) for i, r in enumerate(FLASH_RATIOS))
 
 
 def kernel_summary(model, per, whole):
@@ -819,15 +829,28 @@ def main(argv=None):
     p.add_argument("--experts", type=int, help="routed experts (Flash: 256; 64 fits 43 layers)")
     p.add_argument("--kinds", help="compress ratio per layer, e.g. 0,4,128")
     p.add_argument("--format", choices=["official", "affine4"], default="official")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override of --random, e.g. index_topk=512 (repeatable)")
-    p.add_argument("--kernel-steps", type=int, default=8,
-                   help="batch-1 decode steps whose kernels are counted at each "
-                   "context, per layer kind (0: none)")
-    p.add_argument("--graph", choices=["device", "gpu", "both"], default="device",
-                   help="kernels: count the graph of this device (device); on a CPU, "
-                   "gpu = mx.fast ops as one node each, as on a GPU (counting only, "
-                   "the values are garbage); both = device and gpu, one process each")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override of --random, e.g. index_topk=512 (repeatable)",
+    )
+    p.add_argument(
+        "--kernel-steps",
+        type=int,
+        default=8,
+        help="batch-1 decode steps whose kernels are counted at each "
+        "context, per layer kind (0: none)",
+    )
+    p.add_argument(
+        "--graph",
+        choices=["device", "gpu", "both"],
+        default="device",
+        help="kernels: count the graph of this device (device); on a CPU, "
+        "gpu = mx.fast ops as one node each, as on a GPU (counting only, "
+        "the values are garbage); both = device and gpu, one process each",
+    )
     p.add_argument("--contexts", default="1024,8192,32768,131072")
     p.add_argument("--prefill-contexts", default="1024,8192,32768")
     p.add_argument("--batches", default="1,8")
@@ -837,13 +860,20 @@ def main(argv=None):
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--prefill-runs", type=int, default=2)
     p.add_argument("--seed-prompt", type=int, default=256)
-    p.add_argument("--seed-step", type=int, default=0,
-                   help="prefill chunk for the seed prompt (small chunks avoid "
-                   "compiling the matrix-matrix kernels; default --prefill-step)")
+    p.add_argument(
+        "--seed-step",
+        type=int,
+        default=0,
+        help="prefill chunk for the seed prompt (small chunks avoid "
+        "compiling the matrix-matrix kernels; default --prefill-step)",
+    )
     p.add_argument("--full-layers", type=int, default=FLASH_LAYERS)
     p.add_argument("--per-layer", action="store_true", help="also time each layer alone")
-    p.add_argument("--no-batch-cache", action="store_true",
-                   help="skip the per-sequence BatchDeepseekV4Cache batch-8 run")
+    p.add_argument(
+        "--no-batch-cache",
+        action="store_true",
+        help="skip the per-sequence BatchDeepseekV4Cache batch-8 run",
+    )
     p.add_argument("--budget-s", type=float, default=1e9, help="skip the rest after this")
     p.add_argument("--json-out")
     o = p.parse_args(argv)
@@ -859,8 +889,9 @@ def main(argv=None):
         emulate_gpu_graph()
     if o.graph == "gpu" and os.environ.get("MLX_ARCH_PLUGINS_FUSED", "1") != "0":
         emulate_fused_kernels()
-    graph = {"device": "cpu" if mx.default_device() == mx.cpu else "gpu",
-             "gpu": "gpu-emulated"}[o.graph]
+    graph = {"device": "cpu" if mx.default_device() == mx.cpu else "gpu", "gpu": "gpu-emulated"}[
+        o.graph
+    ]
 
     info = env_info()
     t0 = time.perf_counter()
@@ -873,16 +904,21 @@ def main(argv=None):
         model, tok, args = build_random(o.random, o.layers, o.format, o.kinds, overrides=sets)
         label = f"random-{o.random}-{o.format}-{o.layers}L"
         label += f"-{o.experts}E" if o.experts else ""
-    info.update(model=label, build_s=round(time.perf_counter() - t0, 2),
-                src=os.path.dirname(sys.modules["mlx_arch_plugins"].__file__)
-                if "mlx_arch_plugins" in sys.modules else None,
-                weights_bytes=sum(a.nbytes for _, a in _flat(model.parameters())),
-                layers=len(model.layers),
-                ratios=list(getattr(args, "compress_ratios", []) or [])[: len(model.layers)])
+    info.update(
+        model=label,
+        build_s=round(time.perf_counter() - t0, 2),
+        src=os.path.dirname(sys.modules["mlx_arch_plugins"].__file__)
+        if "mlx_arch_plugins" in sys.modules
+        else None,
+        weights_bytes=sum(a.nbytes for _, a in _flat(model.parameters())),
+        layers=len(model.layers),
+        ratios=list(getattr(args, "compress_ratios", []) or [])[: len(model.layers)],
+    )
     emit("env", **info)
     vocab = getattr(args, "vocab_size", 32000)
     ctxs = [int(x) for x in o.contexts.split(",") if x]
     batches = [int(x) for x in o.batches.split(",") if x]
+
     def do(what):
         return o.what in ("all", what)
 
@@ -895,9 +931,15 @@ def main(argv=None):
             run, nbytes, nops = floor_graph(model, args, b)
             ms, per = time_floor(run, o.steps, o.runs, o.warm)
             floors[b] = ms
-            emit("floor", batch=b, ms=round(ms, 4), runs=[round(x, 4) for x in per],
-                 weight_bytes=nbytes, matmuls=nops,
-                 gbps=round(nbytes / ms / 1e6, 1))
+            emit(
+                "floor",
+                batch=b,
+                ms=round(ms, 4),
+                runs=[round(x, 4) for x in per],
+                weight_bytes=nbytes,
+                matmuls=nops,
+                gbps=round(nbytes / ms / 1e6, 1),
+            )
 
     if o.what == "kernels":
         for T in ctxs:
@@ -930,11 +972,19 @@ def main(argv=None):
                     mx.clear_cache()
                     continue
                 steps_at[(T, b)] = ms
-                rec = dict(context=T, batch=b, ms_step=round(ms, 3),
-                           tok_s=round(b * 1e3 / ms, 2), host_ms_step=round(host, 3),
-                           launch_ms_step=round(launch, 3), runs=[round(x, 3) for x in per], kv_bytes=kv,
-                           kv_alloc_bytes=alloc, peak_bytes=peak,
-                           fast_fill=is_dsv4(model) and T > o.seed_prompt)
+                rec = dict(
+                    context=T,
+                    batch=b,
+                    ms_step=round(ms, 3),
+                    tok_s=round(b * 1e3 / ms, 2),
+                    host_ms_step=round(host, 3),
+                    launch_ms_step=round(launch, 3),
+                    runs=[round(x, 3) for x in per],
+                    kv_bytes=kv,
+                    kv_alloc_bytes=alloc,
+                    peak_bytes=peak,
+                    fast_fill=is_dsv4(model) and T > o.seed_prompt,
+                )
                 if is_dsv4(model):
                     rec["kv_formula_bytes"] = formula_bytes(args, T, b)
                 if b in floors:
@@ -945,8 +995,12 @@ def main(argv=None):
                     count_kernels(model, cache, T, o.kernel_steps, vocab, graph)
                 if o.per_layer and b == 1 and is_dsv4(model):
                     lt = layer_times(model, args, cache, b, o.steps, o.runs)
-                    emit("layers", context=T, batch=b,
-                         layers=[{"ratio": r, "ms": round(t, 4)} for r, t in lt])
+                    emit(
+                        "layers",
+                        context=T,
+                        batch=b,
+                        layers=[{"ratio": r, "ms": round(t, 4)} for r, t in lt],
+                    )
                     if hasattr(args, "compress_ratios"):
                         proj = project(ms, lt, o.full_layers)
                         if proj:
@@ -956,15 +1010,27 @@ def main(argv=None):
                     try:
                         singles = [fill_cache(model, 1, T, o, vocab) for _ in range(b)]
                         bc = batch_cache(singles)
-                        ms2, per2, host2, launch2 = decode_runs(model, bc, b, vocab, o.steps,
-                                                        o.runs, o.warm)
-                        emit("decode_batchcache", context=T, batch=b, ms_step=round(ms2, 3),
-                             tok_s=round(b * 1e3 / ms2, 2), host_ms_step=round(host2, 3),
-                             launch_ms_step=round(launch2, 3),
-                             runs=[round(x, 3) for x in per2])
+                        ms2, per2, host2, launch2 = decode_runs(
+                            model, bc, b, vocab, o.steps, o.runs, o.warm
+                        )
+                        emit(
+                            "decode_batchcache",
+                            context=T,
+                            batch=b,
+                            ms_step=round(ms2, 3),
+                            tok_s=round(b * 1e3 / ms2, 2),
+                            host_ms_step=round(host2, 3),
+                            launch_ms_step=round(launch2, 3),
+                            runs=[round(x, 3) for x in per2],
+                        )
                     except Exception as e:
-                        emit("error", what="decode_batchcache", context=T, batch=b,
-                             error=str(e)[:300])
+                        emit(
+                            "error",
+                            what="decode_batchcache",
+                            context=T,
+                            batch=b,
+                            error=str(e)[:300],
+                        )
                     singles = bc = None
                 cache = None
                 gc.collect()
@@ -986,10 +1052,15 @@ def main(argv=None):
                     prefill(model, cache, toks, o.prefill_step)
                     per.append(time.perf_counter() - t0)
                     peak = mx.get_peak_memory()
-                rec = dict(context=T, s=round(statistics.median(per), 3),
-                           tok_s=round(T / statistics.median(per), 1),
-                           runs=[round(x, 3) for x in per], peak_bytes=peak,
-                           kv_bytes=cache_bytes(cache), step=o.prefill_step)
+                rec = dict(
+                    context=T,
+                    s=round(statistics.median(per), 3),
+                    tok_s=round(T / statistics.median(per), 1),
+                    runs=[round(x, 3) for x in per],
+                    peak_bytes=peak,
+                    kv_bytes=cache_bytes(cache),
+                    step=o.prefill_step,
+                )
                 if is_dsv4(model):
                     rec["kv_formula_bytes"] = formula_bytes(args, T)
                 emit("prefill", **rec)
@@ -1008,8 +1079,14 @@ def main(argv=None):
 def count_kernels(model, cache, T, steps, vocab, graph):
     fused = os.environ.get("MLX_ARCH_PLUGINS_FUSED", "1") != "0"
     per, whole = step_kernels(model, cache, steps, vocab)
-    emit("kernels", context=T, graph=graph, fused=fused, steps=steps,
-         **kernel_summary(model, per, whole))
+    emit(
+        "kernels",
+        context=T,
+        graph=graph,
+        fused=fused,
+        steps=steps,
+        **kernel_summary(model, per, whole),
+    )
 
 
 def _both_graphs(argv):
@@ -1038,55 +1115,76 @@ def project(step_ms, layer_ms, n_full):
         return None
     rest = step_ms - sum(t for _, t in layer_ms)
     full = rest + sum(statistics.median(by[r]) for r in ratios)
-    return {"layers_full": n_full, "nonlayer_ms": round(rest, 3),
-            "per_kind_ms": {str(r): round(statistics.median(v), 4) for r, v in by.items()},
-            "projected_ms_step": round(full, 2),
-            "projected_tok_s": round(1e3 / full, 2)}
+    return {
+        "layers_full": n_full,
+        "nonlayer_ms": round(rest, 3),
+        "per_kind_ms": {str(r): round(statistics.median(v), 4) for r, v in by.items()},
+        "projected_ms_step": round(full, 2),
+        "projected_tok_s": round(1e3 / full, 2),
+    }
 
 
 def table(res):
     print()
     env = next((r for r in res if r["bench"] == "env"), {})
-    print(f"# {env.get('model')} on {env.get('device')} (mlx {env.get('mlx')}), "
-          f"weights {env.get('weights_bytes', 0) / 2**30:.2f} GiB")
+    print(
+        f"# {env.get('model')} on {env.get('device')} (mlx {env.get('mlx')}), "
+        f"weights {env.get('weights_bytes', 0) / 2**30:.2f} GiB"
+    )
     fl = {r["batch"]: r for r in res if r["bench"] == "floor"}
     for b, r in fl.items():
-        print(f"floor  batch {b}: {r['ms']:.3f} ms  ({r['weight_bytes'] / 2**20:.1f} MiB read, "
-              f"{r['gbps']} GB/s, {r['matmuls']} matmuls)")
+        print(
+            f"floor  batch {b}: {r['ms']:.3f} ms  ({r['weight_bytes'] / 2**20:.1f} MiB read, "
+            f"{r['gbps']} GB/s, {r['matmuls']} matmuls)"
+        )
     rows = [r for r in res if r["bench"] == "decode"]
     if rows:
-        print(f"\n{'context':>8} {'batch':>5} {'ms/step':>9} {'tok/s':>9} {'host ms':>8} "
-              f"{'launch ms':>9} {'step/floor':>10} {'KV MiB':>9} {'formula':>9} {'peak GiB':>9}")
+        print(
+            f"\n{'context':>8} {'batch':>5} {'ms/step':>9} {'tok/s':>9} {'host ms':>8} "
+            f"{'launch ms':>9} {'step/floor':>10} {'KV MiB':>9} {'formula':>9} {'peak GiB':>9}"
+        )
         for r in rows:
-            print(f"{r['context']:>8} {r['batch']:>5} {r['ms_step']:>9.3f} {r['tok_s']:>9.1f} "
-                  f"{r['host_ms_step']:>8.3f} {r.get('launch_ms_step', float('nan')):>9.3f} "
-                  f"{r.get('step_over_floor', float('nan')):>10.2f} "
-                  f"{r['kv_bytes'] / 2**20:>9.2f} "
-                  f"{r.get('kv_formula_bytes', 0) / 2**20:>9.2f} {r['peak_bytes'] / 2**30:>9.2f}")
+            print(
+                f"{r['context']:>8} {r['batch']:>5} {r['ms_step']:>9.3f} {r['tok_s']:>9.1f} "
+                f"{r['host_ms_step']:>8.3f} {r.get('launch_ms_step', float('nan')):>9.3f} "
+                f"{r.get('step_over_floor', float('nan')):>10.2f} "
+                f"{r['kv_bytes'] / 2**20:>9.2f} "
+                f"{r.get('kv_formula_bytes', 0) / 2**20:>9.2f} {r['peak_bytes'] / 2**30:>9.2f}"
+            )
     for r in res:
         if r["bench"] == "decode_batchcache":
-            print(f"batch-cache (mlx_lm batch generator form) context {r['context']} batch "
-                  f"{r['batch']}: {r['ms_step']:.3f} ms/step, {r['tok_s']:.1f} tok/s "
-                  f"(host {r['host_ms_step']:.3f} + launch {r.get('launch_ms_step', 0):.3f} ms)")
+            print(
+                f"batch-cache (mlx_lm batch generator form) context {r['context']} batch "
+                f"{r['batch']}: {r['ms_step']:.3f} ms/step, {r['tok_s']:.1f} tok/s "
+                f"(host {r['host_ms_step']:.3f} + launch {r.get('launch_ms_step', 0):.3f} ms)"
+            )
     for r in res:
         if r["bench"] == "kernels":
             kinds = ", ".join(f"{k}: {v['mean']}" for k, v in r["per_kind"].items())
-            print(f"kernels/layer ({r['graph']} graph, fused {r['fused']}) context "
-                  f"{r['context']}: by ratio {kinds}; Flash mix "
-                  f"{r.get('flash_mix_per_layer', '-')}; whole step "
-                  f"{r['whole_step_mean']} = {r['whole_per_layer']}/layer")
+            print(
+                f"kernels/layer ({r['graph']} graph, fused {r['fused']}) context "
+                f"{r['context']}: by ratio {kinds}; Flash mix "
+                f"{r.get('flash_mix_per_layer', '-')}; whole step "
+                f"{r['whole_step_mean']} = {r['whole_per_layer']}/layer"
+            )
     for r in res:
         if r["bench"] == "projection":
-            print(f"PROJECTION to {r['layers_full']} layers at context {r['context']}: "
-                  f"{r['projected_ms_step']} ms/step ({r['projected_tok_s']} tok/s); "
-                  f"per kind {r['per_kind_ms']}, non-layer {r['nonlayer_ms']} ms")
+            print(
+                f"PROJECTION to {r['layers_full']} layers at context {r['context']}: "
+                f"{r['projected_ms_step']} ms/step ({r['projected_tok_s']} tok/s); "
+                f"per kind {r['per_kind_ms']}, non-layer {r['nonlayer_ms']} ms"
+            )
     pre = [r for r in res if r["bench"] == "prefill"]
     if pre:
-        print(f"\n{'prefill':>8} {'s':>8} {'tok/s':>9} {'KV MiB':>9} {'formula':>9} {'peak GiB':>9}")
+        print(
+            f"\n{'prefill':>8} {'s':>8} {'tok/s':>9} {'KV MiB':>9} {'formula':>9} {'peak GiB':>9}"
+        )
         for r in pre:
-            print(f"{r['context']:>8} {r['s']:>8.3f} {r['tok_s']:>9.1f} "
-                  f"{r['kv_bytes'] / 2**20:>9.2f} {r.get('kv_formula_bytes', 0) / 2**20:>9.2f} "
-                  f"{r['peak_bytes'] / 2**30:>9.2f}")
+            print(
+                f"{r['context']:>8} {r['s']:>8.3f} {r['tok_s']:>9.1f} "
+                f"{r['kv_bytes'] / 2**20:>9.2f} {r.get('kv_formula_bytes', 0) / 2**20:>9.2f} "
+                f"{r['peak_bytes'] / 2**30:>9.2f}"
+            )
     for r in res:
         if r["bench"] in ("error", "skipped"):
             print(f"{r['bench']}: {r}")

@@ -38,9 +38,16 @@ def run(model, vocab, T, mode, fmt, step):
     t = time.perf_counter()
     perf.prefill(model, cache, toks, step)
     dt = time.perf_counter() - t
-    rec = dict(bench="prefill_ab", format=fmt, mode=mode, tokens=T, s=round(dt, 3),
-               tok_s=round(T / dt, 1), peak_gb=round(mx.get_peak_memory() / 1e9, 2),
-               kv_gb=round(perf.cache_bytes(cache) / 1e9, 3))
+    rec = dict(
+        bench="prefill_ab",
+        format=fmt,
+        mode=mode,
+        tokens=T,
+        s=round(dt, 3),
+        tok_s=round(T / dt, 1),
+        peak_gb=round(mx.get_peak_memory() / 1e9, 2),
+        kv_gb=round(perf.cache_bytes(cache) / 1e9, 3),
+    )
     print(json.dumps(rec), flush=True)
     del cache
     gc.collect()
@@ -55,16 +62,29 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--contexts", default="4096,32768")
     p.add_argument("--step", type=int, default=2048, help="prefill chunk (mlx-lm's default)")
-    p.add_argument("--ab-up-to", type=int, default=4096,
-                   help="contexts up to this run both paths twice; longer ones the default once")
+    p.add_argument(
+        "--ab-up-to",
+        type=int,
+        default=4096,
+        help="contexts up to this run both paths twice; longer ones the default once",
+    )
     o = p.parse_args(argv)
     shapes = perf.FLASH if o.width == "flash" else perf.SMALL
     shapes.update(n_routed_experts=o.experts, num_experts_per_tok=min(6, o.experts))
     t0 = time.perf_counter()
     model, _, args = perf.build_random(o.width, o.layers, o.format)
     weights = sum(a.nbytes for _, a in perf._flat(model.parameters()))
-    print(json.dumps(dict(bench="build", format=o.format, s=round(time.perf_counter() - t0, 1),
-                          weights_gb=round(weights / 1e9, 2))), flush=True)
+    print(
+        json.dumps(
+            dict(
+                bench="build",
+                format=o.format,
+                s=round(time.perf_counter() - t0, 1),
+                weights_gb=round(weights / 1e9, 2),
+            )
+        ),
+        flush=True,
+    )
     for mode in ("chunked", "qmm"):  # warm both paths (kernel compilation)
         run(model, args.vocab_size, 512, mode, o.format, o.step)
     for T in [int(x) for x in o.contexts.split(",") if x]:

@@ -67,10 +67,17 @@ def bench(E, out_dims, in_dims, rows, fmt, runs, top_k=6):
         t_bf16 = _time(lambda: mx.gather_mm(xf, wf, rhs_indices=idx, sorted_indices=True), runs)
         flops = 2 * R * out_dims * in_dims
         row = dict(
-            format=fmt, experts=E, rows=R, tokens=R // top_k, qmm_ms=t_qmm * 1e3,
-            chunked_ms=t_chunk * 1e3, bf16_ms=t_bf16 * 1e3,
-            qmm_tflops=flops / t_qmm / 1e12, chunked_tflops=flops / t_chunk / 1e12,
-            qmm_over_chunked=t_qmm / t_chunk, chunked_over_bf16=t_chunk / t_bf16,
+            format=fmt,
+            experts=E,
+            rows=R,
+            tokens=R // top_k,
+            qmm_ms=t_qmm * 1e3,
+            chunked_ms=t_chunk * 1e3,
+            bf16_ms=t_bf16 * 1e3,
+            qmm_tflops=flops / t_qmm / 1e12,
+            chunked_tflops=flops / t_chunk / 1e12,
+            qmm_over_chunked=t_qmm / t_chunk,
+            chunked_over_bf16=t_chunk / t_bf16,
         )
         print(
             f"{fmt:8s} E={E:3d} rows={R:6d}  qmm {row['qmm_ms']:8.2f} ms  chunked "

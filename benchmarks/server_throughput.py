@@ -24,8 +24,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-WORDS = ("apple river stone cloud maple tiger ocean lemon violet copper forest "
-         "meadow candle silver harbor falcon").split()
+WORDS = (
+    "apple river stone cloud maple tiger ocean lemon violet copper forest "
+    "meadow candle silver harbor falcon"
+).split()
 
 
 def free_port():
@@ -45,9 +47,21 @@ def start_server(model: Path, log_path: Path):
     log = open(log_path, "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     deadline = time.time() + 300
     while True:
@@ -64,13 +78,20 @@ def start_server(model: Path, log_path: Path):
 
 
 def ask(port, prompt, max_tokens):
-    body = json.dumps({
-        "model": "default_model", "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens, "temperature": 0.0,
-        "chat_template_kwargs": {"enable_thinking": False},
-    }).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "model": "default_model",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "chat_template_kwargs": {"enable_thinking": False},
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=600) as r:
         usage = json.loads(r.read())["usage"]
     return usage["prompt_tokens"], usage["completion_tokens"]
@@ -80,7 +101,10 @@ def prompts(n, phase, words):
     out = []
     for i in range(n):
         k = words + (i * 7) % max(1, words)  # different lengths
-        out.append(f"[{phase}-{i}] " + " ".join(WORDS[(i * 3 + j + phase * 5) % len(WORDS)] for j in range(k)))
+        out.append(
+            f"[{phase}-{i}] "
+            + " ".join(WORDS[(i * 3 + j + phase * 5) % len(WORDS)] for j in range(k))
+        )
     return out
 
 
@@ -122,8 +146,12 @@ def main(argv=None):
         proc, port, log = start_server(model, tmp / "server.log")
         try:
             ask(port, "warm up", 4)  # loads the model, compiles kernels
-            seq_t, seq = run_sequential(port, prompts(args.clients, 1, args.prompt_words), args.max_tokens)
-            con_t, con = run_concurrent(port, prompts(args.clients, 2, args.prompt_words), args.max_tokens)
+            seq_t, seq = run_sequential(
+                port, prompts(args.clients, 1, args.prompt_words), args.max_tokens
+            )
+            con_t, con = run_concurrent(
+                port, prompts(args.clients, 2, args.prompt_words), args.max_tokens
+            )
         finally:
             proc.terminate()
             try:
@@ -135,12 +163,16 @@ def main(argv=None):
     def line(name, t, counts):
         p = sum(c[0] for c in counts)
         g = sum(c[1] for c in counts)
-        print(f"{name:<12} {len(counts):>3} requests  {p:>6} prompt tok  {g:>6} generated tok  "
-              f"{t:>7.2f} s  {g / t:>7.2f} generated tok/s  {len(counts) / t:>6.3f} req/s")
+        print(
+            f"{name:<12} {len(counts):>3} requests  {p:>6} prompt tok  {g:>6} generated tok  "
+            f"{t:>7.2f} s  {g / t:>7.2f} generated tok/s  {len(counts) / t:>6.3f} req/s"
+        )
         return g / t
 
-    print(f"model: {model if args.model else 'tiny random DeepSeek-V4 (make-tiny defaults)'}; "
-          f"clients {args.clients}, max_tokens {args.max_tokens}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"model: {model if args.model else 'tiny random DeepSeek-V4 (make-tiny defaults)'}; "
+        f"clients {args.clients}, max_tokens {args.max_tokens}; load average {os.getloadavg()[0]:.1f}"
+    )
     a = line("sequential", seq_t, seq)
     b = line("concurrent", con_t, con)
     print(f"batching speed-up (generated tok/s): {b / a:.2f}x")

@@ -41,8 +41,11 @@ def _own_import_us(python, code):
     and its hook; inside `import mlx_lm` also the post-import patches and what they load.
     """
     proc = subprocess.run(
-        [python, "-X", "importtime", "-c", code], env=_env(False), capture_output=True,
-        text=True, check=True,
+        [python, "-X", "importtime", "-c", code],
+        env=_env(False),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rows = []  # (depth, name, cumulative us), children listed before their parent
     for line in proc.stderr.splitlines():
@@ -56,7 +59,7 @@ def _own_import_us(python, code):
     for i, (depth, name, cum) in enumerate(rows):
         if not name.startswith("mlx_arch_plugins"):
             continue
-        parent = next((n for d, n, _ in rows[i + 1:] if d < depth), "")
+        parent = next((n for d, n, _ in rows[i + 1 :] if d < depth), "")
         if not parent.startswith("mlx_arch_plugins"):
             total += cum
     return total
@@ -94,22 +97,34 @@ def main(argv=None):
     for label, code in COMMANDS.items():
         us = statistics.median(_own_import_us(args.python, code) for _ in range(args.runs))
         own[label] = round(us / 1e3, 3)
-        print(json.dumps({"bench": "startup", "command": f"python -X importtime -c {code!r}",
-                          "measure": "mlx_arch_plugins imports", "runs": args.runs,
-                          "median_ms": own[label]}))
+        print(
+            json.dumps(
+                {
+                    "bench": "startup",
+                    "command": f"python -X importtime -c {code!r}",
+                    "measure": "mlx_arch_plugins imports",
+                    "runs": args.runs,
+                    "median_ms": own[label],
+                }
+            )
+        )
 
     print(f"\n{'command':<28} {'hook installed':>15} {'disabled':>10} {'added':>8}")
     for i in range(0, len(rows), 2):
         on, off = rows[i], rows[i + 1]
         added = on["median_ms"] - off["median_ms"]
-        print(f"{on['command']:<28} {on['median_ms']:>12.2f} ms {off['median_ms']:>7.2f} ms "
-              f"{added:>+6.2f} ms")
+        print(
+            f"{on['command']:<28} {on['median_ms']:>12.2f} ms {off['median_ms']:>7.2f} ms "
+            f"{added:>+6.2f} ms"
+        )
     print(f"\n{'mlx_arch_plugins imports (-X importtime)':<44} {'median':>10}")
     for label, ms in own.items():
         print(f"{'  in python -c ' + repr(label):<44} {ms:>7.3f} ms")
     verdict = "meets" if own["pass"] < TARGET_MS else "MISSES"
-    print(f"added to `python -c pass` by the hook: {own['pass']:.3f} ms "
-          f"({verdict} the < {TARGET_MS:.0f} ms target)")
+    print(
+        f"added to `python -c pass` by the hook: {own['pass']:.3f} ms "
+        f"({verdict} the < {TARGET_MS:.0f} ms target)"
+    )
 
 
 if __name__ == "__main__":

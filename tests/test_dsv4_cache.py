@@ -54,9 +54,7 @@ def test_prefill_then_decode_equals_one_prefill(model, tokens, full_logits):
     prompt_len = 200
     cache = make_prompt_cache(model)
     first = np.array(model(mx.array([tokens[:prompt_len]]), cache=cache)[0])
-    steps = [
-        np.array(model(mx.array([[t]]), cache=cache)[0, 0]) for t in tokens[prompt_len:]
-    ]
+    steps = [np.array(model(mx.array([[t]]), cache=cache)[0, 0]) for t in tokens[prompt_len:]]
     got = np.concatenate([first, np.stack(steps)])
     np.testing.assert_allclose(got, full_logits, atol=2e-4, rtol=0)
 
@@ -171,12 +169,24 @@ def test_nbytes_is_window_plus_compressed():
 
     args = ModelArgs.from_dict(
         dict(
-            model_type="deepseek_v4", vocab_size=64, hidden_size=32,
-            num_hidden_layers=3, num_attention_heads=2, head_dim=128,
-            qk_rope_head_dim=64, q_lora_rank=32, o_lora_rank=16, o_groups=2,
-            sliding_window=16, compress_ratios=[0, 4, 128], n_routed_experts=4,
-            num_experts_per_tok=2, moe_intermediate_size=16, index_n_heads=2,
-            index_head_dim=64, index_topk=8,
+            model_type="deepseek_v4",
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            head_dim=128,
+            qk_rope_head_dim=64,
+            q_lora_rank=32,
+            o_lora_rank=16,
+            o_groups=2,
+            sliding_window=16,
+            compress_ratios=[0, 4, 128],
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            index_n_heads=2,
+            index_head_dim=64,
+            index_topk=8,
         )
     )
     model = Model(args)
@@ -288,8 +298,9 @@ def test_packed_batch_decode_matches_single_runs(model, tokens):
     starts = [0, 9, 3, 40, 20, 50]
     hists = [tokens[s : s + n] for s, n in zip(starts, lengths)]
     steps = 14
-    feed = [[tokens[(7 * b + 3 * i) % len(tokens)] for i in range(steps + 2)]
-            for b in range(len(hists))]
+    feed = [
+        [tokens[(7 * b + 3 * i) % len(tokens)] for i in range(steps + 2)] for b in range(len(hists))
+    ]
     joiner = tokens[100:160]
     feed_j = [tokens[(11 * i) % len(tokens)] for i in range(steps)]
 

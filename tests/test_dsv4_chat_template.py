@@ -115,7 +115,8 @@ def test_wrapper_defaults_to_thinking_mode(wrapper):
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in ENCODE if any(m.get("reasoning_content") for m in c["messages"])],
+    "case",
+    [c for c in ENCODE if any(m.get("reasoning_content") for m in c["messages"])],
     ids=lambda c: c["id"],
 )
 def test_reasoning_field_is_accepted_like_reasoning_content(case):
@@ -126,16 +127,16 @@ def test_reasoning_field_is_accepted_like_reasoning_content(case):
     for m in messages:
         if "reasoning_content" in m:
             m["reasoning"] = m.pop("reasoning_content")
-    got = tmpl.apply_chat_template(
-        messages, tools=case["tools"], **_server_kwargs(case, release)
-    )
+    got = tmpl.apply_chat_template(messages, tools=case["tools"], **_server_kwargs(case, release))
     assert got == case["expected_prompt"]
 
 
 def test_default_release_is_0731():
     case = next(c for c in ENCODE if c["id"] == "enc-031-effort-max-thinking@v4-0731")
     kwargs = dict(case["encoder_call"]["kwargs"])
-    assert tmpl.encode_messages(case["encoder_call"]["messages"], **kwargs) == case["expected_prompt"]
+    assert (
+        tmpl.encode_messages(case["encoder_call"]["messages"], **kwargs) == case["expected_prompt"]
+    )
     assert tmpl.DEFAULT_RELEASE == "v4-0731"
 
 
@@ -232,8 +233,17 @@ def test_tokenizer_defaults_name_this_package_modules():
 def test_template_tokens_are_single_vocabulary_tokens(wrapper):
     """Every control string the encoder writes is one added token of the real vocabulary."""
     table = {t["content"]: t["id"] for t in cs.load_cases("special_tokens.json")["added_tokens"]}
-    strings = [tmpl.BOS, tmpl.EOS, tmpl.USER, tmpl.ASSISTANT, tmpl.THINK_START,
-               tmpl.THINK_END, tmpl.DSML, tmpl.LATEST_REMINDER, *tmpl.TASK_TOKENS.values()]
+    strings = [
+        tmpl.BOS,
+        tmpl.EOS,
+        tmpl.USER,
+        tmpl.ASSISTANT,
+        tmpl.THINK_START,
+        tmpl.THINK_END,
+        tmpl.DSML,
+        tmpl.LATEST_REMINDER,
+        *tmpl.TASK_TOKENS.values(),
+    ]
     for s in strings:
         assert s in table, s
         assert wrapper.encode(s, add_special_tokens=False) == [table[s]], s
@@ -241,7 +251,9 @@ def test_template_tokens_are_single_vocabulary_tokens(wrapper):
 
 def test_unknown_task_is_rejected():
     with pytest.raises(ValueError, match="task 'nope'"):
-        tmpl.encode_messages([{"role": "user", "content": "q", "task": "nope"}], thinking_mode="chat")
+        tmpl.encode_messages(
+            [{"role": "user", "content": "q", "task": "nope"}], thinking_mode="chat"
+        )
 
 
 def test_cache_prompt_and_generate_query_split(wrapper):
@@ -249,7 +261,9 @@ def test_cache_prompt_and_generate_query_split(wrapper):
     then cuts its prompt at "<query>" and appends only the rest to the cached tokens."""
     cached = wrapper.apply_chat_template(
         [{"role": "user", "content": "Long context."}],
-        add_generation_prompt=False, continue_final_message=True, tokenize=False,
+        add_generation_prompt=False,
+        continue_final_message=True,
+        tokenize=False,
     )
     assert cached == cs.BOS + "<｜User｜>Long context."
     full = wrapper.apply_chat_template(

@@ -25,19 +25,21 @@ from hypothesis import strategies as st  # noqa: E402
 from mlx_arch_plugins.deepseek_v4 import chat_template as tmpl  # noqa: E402
 
 # Plain text, including newlines, braces, quotes, markup-like and non-ASCII text.
-ALPHABET = string.ascii_letters + string.digits + " .,:;!?'\"{}[]()<>/\\&=-_\n\t" + "éü中文日本語😊—"
+ALPHABET = (
+    string.ascii_letters + string.digits + " .,:;!?'\"{}[]()<>/\\&=-_\n\t" + "éü中文日本語😊—"
+)
 text = st.text(alphabet=ALPHABET, min_size=1, max_size=24).filter(lambda s: s.strip() != "")
 names = st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=10)
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
     st.floats(allow_nan=False, allow_infinity=False, width=32).map(lambda f: round(f, 3)),
     text,
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(names, inner, max_size=3)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(names, inner, max_size=3)),
     max_leaves=6,
 )
 
@@ -47,20 +49,28 @@ def tool_defs(draw):
     n = draw(st.integers(1, 3))
     tools = []
     for i in range(n):
-        props = draw(st.dictionaries(names, st.sampled_from(["string", "integer", "boolean", "array"]),
-                                     min_size=1, max_size=3))
-        tools.append({
-            "type": "function",
-            "function": {
-                "name": f"tool_{i}",
-                "description": draw(text),
-                "parameters": {
-                    "type": "object",
-                    "properties": {k: {"type": v} for k, v in props.items()},
-                    "required": sorted(props)[:1],
+        props = draw(
+            st.dictionaries(
+                names,
+                st.sampled_from(["string", "integer", "boolean", "array"]),
+                min_size=1,
+                max_size=3,
+            )
+        )
+        tools.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": f"tool_{i}",
+                    "description": draw(text),
+                    "parameters": {
+                        "type": "object",
+                        "properties": {k: {"type": v} for k, v in props.items()},
+                        "required": sorted(props)[:1],
+                    },
                 },
-            },
-        })
+            }
+        )
     return tools
 
 
@@ -82,22 +92,32 @@ def conversations(draw):
             for _ in range(draw(st.integers(1, 2))):
                 call_no += 1
                 args = draw(st.dictionaries(names, json_values, min_size=1, max_size=3))
-                calls.append({
-                    # Zero-padded: deepseek-recipe renders a message's calls
-                    # sorted by id, ours keeps message order, and the official
-                    # fixtures only hold ids already in sorted order, so they
-                    # do not decide it; ids here sort like their order
-                    # ("call_10" before "call_9" made the two disagree).
-                    "id": f"call_{call_no:03d}",
-                    "type": "function",
-                    "function": {"name": draw(st.sampled_from([t["function"]["name"] for t in tools])),
-                                 "arguments": json.dumps(args, ensure_ascii=draw(st.booleans()))},
-                })
-            turn = {"role": "assistant", "content": draw(st.one_of(st.just(""), text)), "tool_calls": calls}
+                calls.append(
+                    {
+                        # Zero-padded: deepseek-recipe renders a message's calls
+                        # sorted by id, ours keeps message order, and the official
+                        # fixtures only hold ids already in sorted order, so they
+                        # do not decide it; ids here sort like their order
+                        # ("call_10" before "call_9" made the two disagree).
+                        "id": f"call_{call_no:03d}",
+                        "type": "function",
+                        "function": {
+                            "name": draw(st.sampled_from([t["function"]["name"] for t in tools])),
+                            "arguments": json.dumps(args, ensure_ascii=draw(st.booleans())),
+                        },
+                    }
+                )
+            turn = {
+                "role": "assistant",
+                "content": draw(st.one_of(st.just(""), text)),
+                "tool_calls": calls,
+            }
             if thinking:
                 turn["reasoning_content"] = draw(text)
             messages.append(turn)
-            results = [{"role": "tool", "tool_call_id": c["id"], "content": draw(text)} for c in calls]
+            results = [
+                {"role": "tool", "tool_call_id": c["id"], "content": draw(text)} for c in calls
+            ]
             messages.extend(draw(st.permutations(results)))
         if draw(st.booleans()) or messages[-1]["role"] == "tool":
             turn = {"role": "assistant", "content": draw(text)}
@@ -142,17 +162,41 @@ def test_property_region_is_not_trivial():
     messages = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "U"},
-        {"role": "assistant", "content": "", "reasoning_content": "R",
-         "tool_calls": [{"id": "a", "type": "function",
-                         "function": {"name": "f", "arguments": '{"x": [1, "y"]}'}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "R",
+            "tool_calls": [
+                {
+                    "id": "a",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": '{"x": [1, "y"]}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "a", "content": "T"},
     ]
-    tools = [{"type": "function", "function": {"name": "f", "description": "d",
-                                                "parameters": {"type": "object", "properties": {}}}}]
-    ours = tmpl.apply_chat_template(messages, tools=tools, thinking_mode="thinking",
-                                    reasoning_effort="max", encoder_release="v4-0731")
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    ours = tmpl.apply_chat_template(
+        messages,
+        tools=tools,
+        thinking_mode="thinking",
+        reasoning_effort="max",
+        encoder_release="v4-0731",
+    )
     assert ours == _recipe_prompt(messages, tools, True, "max")
-    assert "## Tools" in ours and "<tool_result>T</tool_result>" in ours and "Beyond maximum" in ours
+    assert (
+        "## Tools" in ours and "<tool_result>T</tool_result>" in ours and "Beyond maximum" in ours
+    )
 
 
 @pytest.mark.parametrize("thinking", [False, True])

@@ -23,8 +23,10 @@ def read_all(path):
     h = json.loads(raw[8 : 8 + n])
     md = h.pop("__metadata__", None)
     base = 8 + n
-    return {k: [v["dtype"], v["shape"], raw[base + v["data_offsets"][0] : base + v["data_offsets"][1]]]
-            for k, v in h.items()}, md
+    return {
+        k: [v["dtype"], v["shape"], raw[base + v["data_offsets"][0] : base + v["data_offsets"][1]]]
+        for k, v in h.items()
+    }, md
 
 
 def write_all(path, tensors, md=None):
@@ -71,7 +73,10 @@ def test_truncated_shard(tmp_path, sources):
     d = edited(tmp_path, sources["official"])
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    with pytest.raises(SafetensorsError, match=rf"{f}, tensor '[^']+': data_offsets .* end past the data section.*truncated"):
+    with pytest.raises(
+        SafetensorsError,
+        match=rf"{f}, tensor '[^']+': data_offsets .* end past the data section.*truncated",
+    ):
         load(d)
 
 
@@ -79,8 +84,12 @@ def test_truncated_shard(tmp_path, sources):
 def test_header_lies_about_size(tmp_path, sources):
     def lie(t):
         t["layers.0.attn.wq_a.weight"][1] = [128, 256]  # bytes are for [128, 128]
+
     d = edited(tmp_path, sources["official"], lie)
-    with pytest.raises(SafetensorsError, match=r"tensor 'layers\.0\.attn\.wq_a\.weight': data_offsets .* expected 32768 bytes for F8_E4M3 shape \[128, 256\]"):
+    with pytest.raises(
+        SafetensorsError,
+        match=r"tensor 'layers\.0\.attn\.wq_a\.weight': data_offsets .* expected 32768 bytes for F8_E4M3 shape \[128, 256\]",
+    ):
         load(d)
 
 
@@ -88,8 +97,12 @@ def test_header_lies_about_size(tmp_path, sources):
 def test_unknown_dtype(tmp_path, sources):
     def bad(t):
         t["norm.weight"][0] = "Q4_K"
+
     d = edited(tmp_path, sources["official"], bad)
-    with pytest.raises(SafetensorsError, match=r"model\.safetensors, tensor 'norm\.weight': unknown dtype 'Q4_K'; expected one of"):
+    with pytest.raises(
+        SafetensorsError,
+        match=r"model\.safetensors, tensor 'norm\.weight': unknown dtype 'Q4_K'; expected one of",
+    ):
         load(d)
 
 
@@ -98,8 +111,12 @@ def test_wrong_shape_official(tmp_path, sources):
     def bad(t):
         e = t["layers.0.attn.q_norm.weight"]
         e[1], e[2] = [64], e[2][:128]
+
     d = edited(tmp_path, sources["official"], bad)
-    with pytest.raises(ValueError, match=r"'layers\.0\.attn\.q_norm\.weight': expected shape \(128,\), found \(64,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'layers\.0\.attn\.q_norm\.weight': expected shape \(128,\), found \(64,\)",
+    ):
         load(d)
 
 
@@ -107,8 +124,12 @@ def test_wrong_shape_official(tmp_path, sources):
 def test_wrong_scale_grid(tmp_path, sources):
     def bad(t):
         t["layers.0.attn.wq_b.scale"][1] = [1, 2]  # real grid is [2, 1]
+
     d = edited(tmp_path, sources["official"], bad)
-    with pytest.raises(ValueError, match=r"'layers\.0\.attn\.wq_b\.scale': expected E8M0 block scales of shape \(2, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'layers\.0\.attn\.wq_b\.scale': expected E8M0 block scales of shape \(2, 1\)",
+    ):
         load(d)
 
 
@@ -116,17 +137,28 @@ def test_wrong_scale_grid(tmp_path, sources):
 def test_config_not_matching_model_size(tmp_path, sources):
     d = edited(tmp_path, sources["official"], edit_config=lambda c: c.update(hidden_size=256))
     # which tensor is reported first depends on the shard's tensor order
-    with pytest.raises(ValueError, match=r"tensor '[^']+': expected shape \([^)]*\b(256|1024)\b[^)]*\), "
-                                         r"found \([^)]*\b(128|512)\b[^)]*\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor '[^']+': expected shape \([^)]*\b(256|1024)\b[^)]*\), "
+        r"found \([^)]*\b(128|512)\b[^)]*\)",
+    ):
         load(d)
 
 
 @pytest.mark.compat
 def test_fp8_config_on_unquantized_weights(tmp_path, sources):
     off = json.loads((sources["official"] / "config.json").read_text())
-    d = edited(tmp_path, sources["bf16"], edit_config=lambda c: c.update(
-        quantization_config=off["quantization_config"], expert_dtype="fp4"))
-    with pytest.raises(ValueError, match=r"tensor '[^']+': config says expert_dtype fp4 but the expert has no scale"):
+    d = edited(
+        tmp_path,
+        sources["bf16"],
+        edit_config=lambda c: c.update(
+            quantization_config=off["quantization_config"], expert_dtype="fp4"
+        ),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"tensor '[^']+': config says expert_dtype fp4 but the expert has no scale",
+    ):
         load(d)
 
 
@@ -163,6 +195,9 @@ def test_model_level_error_names_file(tmp_path, sources):
     def bad(t):
         e = t["layers.0.attn.q_norm.weight"]
         e[1], e[2] = [64], e[2][:128]
+
     d = edited(tmp_path, sources["official"], bad)
-    with pytest.raises(ValueError, match=rf"'layers\.0\.attn\.q_norm\.weight'.*\(in {d / 'model.safetensors'}\)"):
+    with pytest.raises(
+        ValueError, match=rf"'layers\.0\.attn\.q_norm\.weight'.*\(in {d / 'model.safetensors'}\)"
+    ):
         load(d)

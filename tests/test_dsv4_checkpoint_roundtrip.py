@@ -39,7 +39,9 @@ def ckpts(tmp_path_factory, cfg):
 @pytest.fixture(scope="module")
 def mlx_ckpts(tmp_path_factory, cfg, ckpts):
     root = tmp_path_factory.mktemp("rtq")
-    return {fmt: tiny.make_tiny(root / fmt, fmt, seed=7, cfg=cfg) for fmt in ("mlx-affine4", "mxfp4")}
+    return {
+        fmt: tiny.make_tiny(root / fmt, fmt, seed=7, cfg=cfg) for fmt in ("mlx-affine4", "mxfp4")
+    }
 
 
 def load(path):
@@ -55,13 +57,19 @@ def logits(model, ids=PROMPT):
 
 
 def quantized_modules(model):
-    return {p: m for p, m in model.named_modules()
-            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or type(m).__name__.startswith("Quantized")}
+    return {
+        p: m
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        or type(m).__name__.startswith("Quantized")
+    }
 
 
 def dequantized(m):
     biases = getattr(m, "biases", None)
-    return mx.dequantize(m.weight, m.scales, biases, m.group_size, m.bits, mode=getattr(m, "mode", "affine"))
+    return mx.dequantize(
+        m.weight, m.scales, biases, m.group_size, m.bits, mode=getattr(m, "mode", "affine")
+    )
 
 
 def rms(a):
@@ -85,8 +93,9 @@ def test_official_loads_packed_and_bit_exact(ckpts):
         w = dequantized(m)
         want = ref_w[path + ".weight"]
         # bf16 file = numpy dequantization of the official file (tests/test_tiny.py)
-        assert np.array_equal(np.array(w.reshape(want.shape).astype(mx.float32)),
-                              np.array(want.astype(mx.float32))), path
+        assert np.array_equal(
+            np.array(w.reshape(want.shape).astype(mx.float32)), np.array(want.astype(mx.float32))
+        ), path
 
 
 @pytest.mark.compat
@@ -183,8 +192,11 @@ def test_stock_conversions_load(ckpts, tmp_path, name):
         want = q.get(path, q)
         # a per-layer group_size of None (mixed recipes) means mlx's default, as the global one
         group = want.get("group_size") or q["group_size"]
-        assert (m.bits, m.group_size or q["group_size"], getattr(m, "mode", "affine")) == \
-            (want["bits"], group, want.get("mode", "affine")), path
+        assert (m.bits, m.group_size or q["group_size"], getattr(m, "mode", "affine")) == (
+            want["bits"],
+            group,
+            want.get("mode", "affine"),
+        ), path
     if name.startswith("mixed"):
         assert {m.bits for m in mods.values()} == {3, 6}
     base = logits(load(ckpts["bf16"]))

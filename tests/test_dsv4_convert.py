@@ -33,7 +33,10 @@ def greedy(path, n=4):
     from mlx_lm.sample_utils import make_sampler
 
     model, tok = load(str(path))
-    out = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n, sampler=make_sampler(0.0))]
+    out = [
+        r.token
+        for r in stream_generate(model, tok, PROMPT, max_tokens=n, sampler=make_sampler(0.0))
+    ]
     return model, out
 
 
@@ -47,7 +50,13 @@ def fp32_logits(path):
 
 @pytest.fixture(scope="module")
 def affine4(official, tmp_path_factory):
-    return convert(official["official"], tmp_path_factory.mktemp("a4") / "out", quantize=True, q_bits=4, q_group_size=64)
+    return convert(
+        official["official"],
+        tmp_path_factory.mktemp("a4") / "out",
+        quantize=True,
+        q_bits=4,
+        q_group_size=64,
+    )
 
 
 @pytest.mark.compat
@@ -62,7 +71,11 @@ def test_official_to_affine4_quantizes_every_linear(affine4):
     from mlx_lm.utils import load_model
 
     model, _ = load_model(Path(affine4))
-    modes = {(m.mode, m.bits) for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "scales")}
+    modes = {
+        (m.mode, m.bits)
+        for _, m in model.named_modules()
+        if hasattr(m, "bits") and hasattr(m, "scales")
+    }
     assert modes == {("affine", 4)}
 
 

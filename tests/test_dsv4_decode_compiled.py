@@ -27,8 +27,7 @@ def _decode(model, prompt, steps, compiled):
         cache = make_prompt_cache(model)
         model(mx.array([prompt]), cache=cache)
         return np.stack(
-            [np.array(model(mx.array([[t]]), cache=cache)[0, 0].astype(mx.float32))
-             for t in steps]
+            [np.array(model(mx.array([[t]]), cache=cache)[0, 0].astype(mx.float32)) for t in steps]
         )
     finally:
         if old is None:

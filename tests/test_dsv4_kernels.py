@@ -55,11 +55,21 @@ def check_collapse():
     mx.random.seed(5)
     args = dsv4.ModelArgs.from_dict(
         dict(
-            model_type="deepseek_v4", vocab_size=64, hidden_size=256,
-            num_hidden_layers=1, num_attention_heads=2, head_dim=128,
-            qk_rope_head_dim=64, q_lora_rank=64, o_lora_rank=64, o_groups=1,
-            sliding_window=8, compress_ratios=[0], n_routed_experts=4,
-            num_experts_per_tok=2, moe_intermediate_size=64,
+            model_type="deepseek_v4",
+            vocab_size=64,
+            hidden_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=128,
+            qk_rope_head_dim=64,
+            q_lora_rank=64,
+            o_lora_rank=64,
+            o_groups=1,
+            sliding_window=8,
+            compress_ratios=[0],
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
         )
     )
     hc = dsv4.HyperConnection(args)

@@ -23,7 +23,9 @@ def _prefill(case, block_elems, chunk=None, monkeypatch=None):
     prompt, _ = inputs(case)
     cache = make_prompt_cache(model)
     step = chunk or len(prompt)
-    out = [model(mx.array([prompt[a : a + step]]), cache=cache)[0] for a in range(0, len(prompt), step)]
+    out = [
+        model(mx.array([prompt[a : a + step]]), cache=cache)[0] for a in range(0, len(prompt), step)
+    ]
     return np.array(mx.concatenate(out, 0))
 
 

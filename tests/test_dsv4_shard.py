@@ -79,7 +79,8 @@ def _results(out, name, n):
         f = out / f"{name}.rank{r}.npz"
         if not f.exists():
             log = "\n".join(
-                ln for ln in (out / "launch.log").read_text().splitlines()
+                ln
+                for ln in (out / "launch.log").read_text().splitlines()
                 if not ln.startswith("[ring]")
             )
             pytest.fail(f"rank {r} wrote nothing for {name}; launch log:\n{log[-4000:]}")
@@ -117,8 +118,15 @@ def _golden_jobs():
 
 def _gen_jobs(paths, modes):
     return [
-        dict(kind="generate", name=f"gen-{key}-{mode}", path=str(path), mode=mode,
-             prompt=PROMPT, max_tokens=MAX_TOKENS, dtype="float32")  # fmt: skip
+        dict(
+            kind="generate",
+            name=f"gen-{key}-{mode}",
+            path=str(path),
+            mode=mode,
+            prompt=PROMPT,
+            max_tokens=MAX_TOKENS,
+            dtype="float32",
+        )  # fmt: skip
         for key, path in paths.items()
         for mode in modes
     ]
@@ -226,9 +234,9 @@ def test_tensor_sharded_without_qat_rounding_matches_noqat_targets(two, case):
 @pytest.mark.compat  # 0.31's stock split would skip a layer of 3 over 2 ranks
 @pytest.mark.parametrize("case", CASES)
 def test_pipeline_splits_layers_evenly_low_ranks_get_extra(two, case):
-    n = json.loads((Path(__file__).parent / "data/golden/cases" / case / "bf16/config.json").read_text())[
-        "num_hidden_layers"
-    ]
+    n = json.loads(
+        (Path(__file__).parent / "data/golden/cases" / case / "bf16/config.json").read_text()
+    )["num_hidden_layers"]
     got = [int(d["n_layers"]) for d in _results(two, f"{case}-bf16-pipeline", 2)]
     assert got == [n - n // 2, n // 2]
     got = [int(d["n_layers"]) for d in _results(two, f"{case}-bf16-tensor", 2)]
@@ -316,8 +324,11 @@ def _params(model):
     [
         ({}, 3, ["num_attention_heads=2", "o_groups=2", "moe_intermediate_size=128", "3"]),
         ({"num_attention_heads": 4, "o_groups": 2}, 4, ["o_groups=2", "group size 4"]),
-        ({"num_attention_heads": 4, "o_groups": 4, "moe_intermediate_size": 102}, 4,
-         ["moe_intermediate_size=102", "shared expert width=102"]),  # fmt: skip
+        (
+            {"num_attention_heads": 4, "o_groups": 4, "moe_intermediate_size": 102},
+            4,
+            ["moe_intermediate_size=102", "shared expert width=102"],
+        ),  # fmt: skip
     ],
 )
 def test_refuses_configs_that_do_not_split(over, n, needles):

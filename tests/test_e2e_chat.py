@@ -18,7 +18,13 @@ def test_chat_two_turns_through_stdin(tmp_path_factory):
     prompt."""
     ckpt = es.tiny_checkpoint(tmp_path_factory)
     r = es.run_mlx_lm(
-        "chat", "--model", ckpt, "--max-tokens", N_TOKENS, "--temp", "0.0",
+        "chat",
+        "--model",
+        ckpt,
+        "--max-tokens",
+        N_TOKENS,
+        "--temp",
+        "0.0",
         input="\n".join(TURNS + ["q"]) + "\n",
     )
     model, tok = es.load_in_process(ckpt)

@@ -43,7 +43,9 @@ class Server:
         self.folder, self.proc, self.port = folder, proc, port
 
     def script(self, token_ids):
-        (self.folder / "script.json").write_text(json.dumps({"tokens": token_ids}), encoding="utf-8")
+        (self.folder / "script.json").write_text(
+            json.dumps({"tokens": token_ids}), encoding="utf-8"
+        )
 
     def prompts(self):
         path = self.folder / "prompts.jsonl"
@@ -78,9 +80,19 @@ def server(tmp_path_factory):
     script = Path(sys.executable).parent / "mlx_lm.server"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "mlx_lm.server"]
     proc = subprocess.Popen(
-        command + ["--model", str(folder),
-         "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        command
+        + [
+            "--model",
+            str(folder),
+            "--trust-remote-code",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     import urllib.request
 
@@ -137,7 +149,10 @@ def _ok_reply(server):
         ("enc-018-results-out-of-order", {}),
         ("enc-016-parallel-calls-mixed-types", {}),
         ("enc-027-tools-chat-history", {"chat_template_kwargs": {"thinking_mode": "chat"}}),
-        ("enc-031-effort-max-thinking@v4-0731", {"chat_template_kwargs": {"reasoning_effort": "max"}}),
+        (
+            "enc-031-effort-max-thinking@v4-0731",
+            {"chat_template_kwargs": {"reasoning_effort": "max"}},
+        ),
         (
             "enc-031-effort-max-thinking@v4-2604",
             {"chat_template_kwargs": {"reasoning_effort": "max", "encoder_release": "v4-2604"}},
@@ -155,7 +170,7 @@ def test_prompt_reaching_model_is_official(server, client, cid, extra):
     prompt = server.last_prompt()
     # Batched serving may left-pad with id 0; the prompt is the tail.
     expected = case["expected_token_ids"]
-    assert prompt[-len(expected):] == expected
+    assert prompt[-len(expected) :] == expected
     assert not any(prompt[: len(prompt) - len(expected)])
 
 
@@ -164,7 +179,10 @@ def _expected_message(case):
     return (
         exp["reasoning_content"],
         exp["content"],
-        [(c["function"]["name"], a) for c, a in zip(exp["tool_calls"], exp["tool_call_arguments_parsed"])],
+        [
+            (c["function"]["name"], a)
+            for c, a in zip(exp["tool_calls"], exp["tool_call_arguments_parsed"])
+        ],
     )
 
 

@@ -22,7 +22,9 @@ N_TOKENS = 3
 def test_convert_official_to_4bit_then_generate(tmp_path_factory):
     src = es.tiny_checkpoint(tmp_path_factory)
     dst = tmp_path_factory.mktemp("converted") / "q4"
-    es.run_mlx_lm("convert", "--hf-path", src, "--mlx-path", dst, "-q", "--q-bits", 4, "--q-group-size", 64)
+    es.run_mlx_lm(
+        "convert", "--hf-path", src, "--mlx-path", dst, "-q", "--q-bits", 4, "--q-group-size", 64
+    )
 
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v4"

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.compat
 def _demo(cache, *args):
     r = subprocess.run(
         [sys.executable, "-m", "mlx_arch_plugins", "demo", "--max-tokens", "3", *args],
-        capture_output=True, text=True, timeout=300, env=es.subprocess_env(XDG_CACHE_HOME=str(cache)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=es.subprocess_env(XDG_CACHE_HOME=str(cache)),
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout

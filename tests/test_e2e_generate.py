@@ -20,7 +20,9 @@ N_TOKENS = 6
 # Prompt for the short runs: longer than the sliding window (16) and several
 # CSA blocks (ratio 4) once the chat template is applied. The cache_prompt test
 # splits it into PREFIX + SUFFIX at a point where the tokenization does not merge.
-PREFIX = "Here is a short document about alpha bravo charlie delta echo foxtrot golf hotel india juliet."
+PREFIX = (
+    "Here is a short document about alpha bravo charlie delta echo foxtrot golf hotel india juliet."
+)
 SUFFIX = " Summarize it in one line."
 PROMPT = PREFIX + SUFFIX
 
@@ -50,15 +52,25 @@ def test_generate_max_kv_size_is_accepted_and_has_no_effect(ckpt, plain_run):
     compressed entries), and mlx-lm only applies --max-kv-size to models
     without make_cache. So the flag, even below the window, changes nothing."""
     r = es.run_mlx_lm(
-        "generate", "--model", ckpt, "--prompt", PROMPT, "--max-tokens", N_TOKENS, "--max-kv-size", 8
+        "generate",
+        "--model",
+        ckpt,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        N_TOKENS,
+        "--max-kv-size",
+        8,
     )
     assert es.generated_text(r.stdout) == es.generated_text(plain_run.stdout)
     assert es.generate_stats(r.stdout) == es.generate_stats(plain_run.stdout)
 
 
 def _long_prompt():
-    words = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
-             "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+    words = (
+        "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+        "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+    ).split()
     return " ".join(f"{words[(7 * i) % 26]}{i % 10}" for i in range(110))
 
 
@@ -86,13 +98,17 @@ def test_cache_prompt_then_generate_equals_uncached(ckpt, plain_run, tmp_path):
     _, tok = es.load_in_process(ckpt)
     full = es.chat_prompt_ids(tok, [{"role": "user", "content": PROMPT}])
     cached = tok.apply_chat_template(
-        [{"role": "user", "content": PREFIX}], add_generation_prompt=False, continue_final_message=True
+        [{"role": "user", "content": PREFIX}],
+        add_generation_prompt=False,
+        continue_final_message=True,
     )
     # Precondition of the comparison: cached tokens + new tokens = the whole prompt.
     assert full[: len(cached)] == cached
 
     cache_file = tmp_path / "prefix.safetensors"
-    es.run_mlx_lm("cache_prompt", "--model", ckpt, "--prompt", PREFIX, "--prompt-cache-file", cache_file)
+    es.run_mlx_lm(
+        "cache_prompt", "--model", ckpt, "--prompt", PREFIX, "--prompt-cache-file", cache_file
+    )
     assert cache_file.stat().st_size > 0
     r = es.run_mlx_lm(
         "generate", "--prompt-cache-file", cache_file, "--prompt", SUFFIX, "--max-tokens", N_TOKENS
@@ -102,7 +118,7 @@ def test_cache_prompt_then_generate_equals_uncached(ckpt, plain_run, tmp_path):
     assert es.generated_text(r.stdout) == es.generated_text(plain_run.stdout)
 
 
-API_SCRIPT = r'''
+API_SCRIPT = r"""
 import json, sys
 from mlx_lm import load, generate, stream_generate, batch_generate
 
@@ -123,7 +139,7 @@ batched = batch_generate(model, tokenizer, ids, max_tokens=n).texts
 print(json.dumps({"model_type": model.model_type, "alone": alone, "streamed": streamed,
                   "decoded": decoded, "batched": list(batched),
                   "modules": sorted(m for m in sys.modules if "arch_plugins" in m)}))
-'''
+"""
 
 
 def test_python_api_in_a_plain_script(ckpt, tmp_path):
@@ -136,7 +152,10 @@ def test_python_api_in_a_plain_script(ckpt, tmp_path):
     assert "mlx_arch_plugins" not in API_SCRIPT
     r = subprocess.run(
         [sys.executable, str(script), str(ckpt), "Hi.", PROMPT, str(N_TOKENS)],
-        capture_output=True, text=True, timeout=180, env=es.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=es.subprocess_env(),
     )
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -149,7 +168,7 @@ def test_python_api_in_a_plain_script(ckpt, tmp_path):
     assert out["batched"] == out["decoded"]
 
 
-THREAD_SCRIPT = r'''
+THREAD_SCRIPT = r"""
 import json, sys, threading
 from mlx_lm import batch_generate, generate, load
 
@@ -173,7 +192,7 @@ print(json.dumps({"errors": errors, **out}), flush=True)
 # models too: "terminate called without an active exception"); skip that.
 import os
 os._exit(0)
-'''
+"""
 
 
 def test_generate_in_a_worker_thread(ckpt, tmp_path):
@@ -185,8 +204,13 @@ def test_generate_in_a_worker_thread(ckpt, tmp_path):
     in current thread"."""
     script = tmp_path / "thread.py"
     script.write_text(THREAD_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(ckpt)], capture_output=True, text=True,
-                       timeout=180, env=es.subprocess_env())
+    r = subprocess.run(
+        [sys.executable, str(script), str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=es.subprocess_env(),
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["errors"] == []

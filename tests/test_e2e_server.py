@@ -42,21 +42,33 @@ def _messages(i):
 
 def _ask(client, messages, **kw):
     r = client.chat.completions.create(
-        model="default_model", messages=messages, temperature=0.0,
-        max_tokens=kw.pop("max_tokens", MAX_TOKENS), extra_body=kw.pop("extra_body", CHAT), **kw,
+        model="default_model",
+        messages=messages,
+        temperature=0.0,
+        max_tokens=kw.pop("max_tokens", MAX_TOKENS),
+        extra_body=kw.pop("extra_body", CHAT),
+        **kw,
     )
     c = r.choices[0]
     reasoning = (c.message.model_extra or {}).get("reasoning")
-    return {"content": c.message.content or "", "reasoning": reasoning or "",
-            "finish_reason": c.finish_reason}, r
+    return {
+        "content": c.message.content or "",
+        "reasoning": reasoning or "",
+        "finish_reason": c.finish_reason,
+    }, r
 
 
 def _stream(client, messages, **kw):
     """Streamed reply, assembled."""
     content, reasoning, finish = [], [], None
     stream = client.chat.completions.create(
-        model="default_model", messages=messages, temperature=0.0, max_tokens=MAX_TOKENS,
-        stream=True, extra_body=kw.pop("extra_body", CHAT), **kw,
+        model="default_model",
+        messages=messages,
+        temperature=0.0,
+        max_tokens=MAX_TOKENS,
+        stream=True,
+        extra_body=kw.pop("extra_body", CHAT),
+        **kw,
     )
     for chunk in stream:
         if not chunk.choices:
@@ -81,9 +93,13 @@ def _peak_prefill_overlap(log_text):
     "Prompt processing progress: done/total" lines (every prompt here has a
     different total). Serving one request at a time gives 1."""
     spans = {}
-    for idx, (_, total) in enumerate(re.findall(r"Prompt processing progress: (\d+)/(\d+)", log_text)):
+    for idx, (_, total) in enumerate(
+        re.findall(r"Prompt processing progress: (\d+)/(\d+)", log_text)
+    ):
         spans.setdefault(total, [idx, idx])[1] = idx
-    events = sorted([(a, 0, 1) for a, _ in spans.values()] + [(b, 1, -1) for _, b in spans.values()])
+    events = sorted(
+        [(a, 0, 1) for a, _ in spans.values()] + [(b, 1, -1) for _, b in spans.values()]
+    )
     live = peak = 0
     for _, _, d in events:
         live += d
@@ -134,8 +150,10 @@ def test_chat_non_streaming_and_streaming(server, ckpt):
     the model's greedy continuation of the V4 chat prompt (token counts in usage
     match the prompt the template renders in-process)."""
     client = server.client()
-    messages = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": "Name three colours of the rainbow."}]
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name three colours of the rainbow."},
+    ]
     reply, raw = _ask(client, messages)
     ids, gen, text = _reference(ckpt, messages)
     assert raw.object == "chat.completion"
@@ -149,13 +167,23 @@ def test_chat_non_streaming_and_streaming(server, ckpt):
 
 
 def _open_stream(port, messages, max_tokens):
-    body = json.dumps({"model": "default_model", "messages": messages, "stream": True,
-                       "max_tokens": max_tokens, "temperature": 0.0, **CHAT}).encode()
+    body = json.dumps(
+        {
+            "model": "default_model",
+            "messages": messages,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            **CHAT,
+        }
+    ).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=120)
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
-        + b"\r\n\r\n" + body
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
     )
     return sock
 
@@ -183,18 +211,44 @@ def test_client_disconnect_mid_stream(server):
 @pytest.mark.parametrize(
     "name,body",
     [
-        ("malformed JSON", b'{"model": "default_model", "messages": [{"role": "user", "content": "hi"}'),
+        (
+            "malformed JSON",
+            b'{"model": "default_model", "messages": [{"role": "user", "content": "hi"}',
+        ),
         ("not an object", b'["hello"]'),
-        ("messages of the wrong type", json.dumps({"model": "default_model", "messages": "hi"}).encode()),
-        ("max_tokens of the wrong type", json.dumps(
-            {"model": "default_model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}
-        ).encode()),
-        ("temperature of the wrong type", json.dumps(
-            {"model": "default_model", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}
-        ).encode()),
-        ("unknown model", json.dumps(
-            {"model": "no-such-org/no-such-model", "messages": [{"role": "user", "content": "hi"}]}
-        ).encode()),
+        (
+            "messages of the wrong type",
+            json.dumps({"model": "default_model", "messages": "hi"}).encode(),
+        ),
+        (
+            "max_tokens of the wrong type",
+            json.dumps(
+                {
+                    "model": "default_model",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": "ten",
+                }
+            ).encode(),
+        ),
+        (
+            "temperature of the wrong type",
+            json.dumps(
+                {
+                    "model": "default_model",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "temperature": "hot",
+                }
+            ).encode(),
+        ),
+        (
+            "unknown model",
+            json.dumps(
+                {
+                    "model": "no-such-org/no-such-model",
+                    "messages": [{"role": "user", "content": "hi"}],
+                }
+            ).encode(),
+        ),
     ],
 )
 def test_bad_request_gets_4xx_and_server_keeps_serving(server, name, body):
@@ -214,8 +268,10 @@ def test_multi_turn_reuses_prompt_cache_and_answers_as_without(server, ckpt):
     client = server.client()
     turn1 = [{"role": "user", "content": "Please remember the word papaya for later."}]
     r1, raw1 = _ask(client, turn1)
-    turn2 = turn1 + [{"role": "assistant", "content": r1["content"]},
-                     {"role": "user", "content": "Which word did I ask you to remember?"}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": r1["content"]},
+        {"role": "user", "content": "Which word did I ask you to remember?"},
+    ]
     r2, raw2 = _ask(client, turn2)
     details = raw2.usage.prompt_tokens_details
     cached = getattr(details, "cached_tokens", None) if details is not None else None

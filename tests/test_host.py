@@ -160,8 +160,10 @@ def test_disabled_fails_as_stock_does(toy_ckpts):
     out = run_json(code, args=[str(toy_ckpts / "toy")], env={"MLX_ARCH_PLUGINS_DISABLE": "1"})
     assert out == ["Model type toy_mlp not supported.", "ModuleNotFoundError", False]
     # "0" means not disabled
-    out = run_json("import mlx_lm.models.toy_mlp as m; print('[\"ok\"]')",
-                   env={"MLX_ARCH_PLUGINS_DISABLE": "0"})
+    out = run_json(
+        "import mlx_lm.models.toy_mlp as m; print('[\"ok\"]')",
+        env={"MLX_ARCH_PLUGINS_DISABLE": "0"},
+    )
     assert out == ["ok"]
 
 
@@ -368,6 +370,7 @@ def test_generate_cli_runs_the_toy(toy_ckpts):
 
 # --- explicit install() / uninstall() and the post-import callbacks -----------------------
 
+
 @pytest.mark.compat
 def test_python_S_needs_and_gets_explicit_install():
     code = (
@@ -415,8 +418,14 @@ def test_post_import_callbacks_run_once_after_each_module():
     )
     calls, loader, spec_loader, sizes = out
     names = [c[0] for c in calls]
-    expected = {"mlx_lm.models.base", "mlx_lm.models.cache", "mlx_lm.tokenizer_utils",
-                "mlx_lm.utils", "mlx_lm.generate", "mlx_lm.convert"}
+    expected = {
+        "mlx_lm.models.base",
+        "mlx_lm.models.cache",
+        "mlx_lm.tokenizer_utils",
+        "mlx_lm.utils",
+        "mlx_lm.generate",
+        "mlx_lm.convert",
+    }
     assert sorted(names[:-1]) == sorted(expected)  # each once; sample_utils never
     assert names[-1] == "undo_all"  # uninstall() undid the patches
     # called with the module itself, after its body ran to the end
@@ -441,16 +450,19 @@ def test_install_calls_back_for_modules_imported_before_it():
 
 
 def test_failing_patch_warns_and_import_still_works():
-    proc = run(FAKE_PATCHES + "import mlx_lm.generate\nprint(json.dumps(len(calls)))",
-               args=["--fail"])
+    proc = run(
+        FAKE_PATCHES + "import mlx_lm.generate\nprint(json.dumps(len(calls)))", args=["--fail"]
+    )
     assert "RuntimeWarning" in proc.stderr and "patch exploded" in proc.stderr
     assert "mlx_lm.generate may run unpatched" in proc.stderr
     assert json.loads(proc.stdout) >= 5
 
 
 def test_disabled_switch_also_turns_off_callbacks():
-    out = run_json(FAKE_PATCHES + "import mlx_lm.utils\nprint(json.dumps(calls))",
-                   env={"MLX_ARCH_PLUGINS_DISABLE": "1"})
+    out = run_json(
+        FAKE_PATCHES + "import mlx_lm.utils\nprint(json.dumps(calls))",
+        env={"MLX_ARCH_PLUGINS_DISABLE": "1"},
+    )
     assert out == []
 
 
@@ -462,8 +474,10 @@ def doctor_json(env=None):
         [str(CLI), "doctor", "--json"],
         capture_output=True,
         text=True,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("MLX_ARCH_PLUGINS")},
-             **(env or {})},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("MLX_ARCH_PLUGINS")},
+            **(env or {}),
+        },
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -480,8 +494,16 @@ def entry(report, group, name):
 def test_doctor_json_reports_host_versions_and_entries():
     report = doctor_json()
     assert report["schema"] == 1
-    assert set(report) == {"schema", "package", "python", "hook", "versions", "mlx",
-                           "entries", "ok"}
+    assert set(report) == {
+        "schema",
+        "package",
+        "python",
+        "hook",
+        "versions",
+        "mlx",
+        "entries",
+        "ok",
+    }
     assert report["hook"]["active"] is True
     assert report["hook"]["reason"] == "active (installed by start-up file)"
     names = sorted(Path(f["path"]).name for f in report["hook"]["startup_files"])
@@ -496,9 +518,14 @@ def test_doctor_json_reports_host_versions_and_entries():
     models = "mlx_arch_plugins.models"
     (toy,) = entry(report, models, "toy_mlp")
     assert toy == {
-        "group": models, "name": "toy_mlp", "module": "mlx_arch_toy.model",
-        "alias": "mlx_lm.models.toy_mlp", "distribution": "mlx-arch-toy",
-        "version": "0.1.0", "status": "ok", "detail": None,
+        "group": models,
+        "name": "toy_mlp",
+        "module": "mlx_arch_toy.model",
+        "alias": "mlx_lm.models.toy_mlp",
+        "distribution": "mlx-arch-toy",
+        "version": "0.1.0",
+        "status": "ok",
+        "detail": None,
     }
     (broken,) = entry(report, models, "toy_broken")
     assert broken["status"] == "error" and "toy plugin fails on purpose" in broken["detail"]
@@ -509,7 +536,9 @@ def test_doctor_json_reports_host_versions_and_entries():
     assert entry(report, "mlx_arch_plugins.tool_parsers", "toy_tools")[0]["status"] == "ok"
     own = entry(report, models, "deepseek_v4")[0]
     assert (own["distribution"], own["module"]) == (
-        "mlx-arch-plugins", "mlx_arch_plugins.deepseek_v4.model")
+        "mlx-arch-plugins",
+        "mlx_arch_plugins.deepseek_v4.model",
+    )
     assert report["ok"] is False  # the broken toy is installed
 
 

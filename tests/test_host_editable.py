@@ -63,13 +63,22 @@ def test_editable_install_serves_plugins(tmp_path):
         cwd=REPO,
     )
     pip = [sys.executable, "-m", "pip"]
-    check_run(*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-              str(REPO / "tests/toy_plugin/good"))
+    check_run(
+        *pip,
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(wheels),
+        str(REPO / "tests/toy_plugin/good"),
+    )
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     python = str(env_dir / "bin" / "python")
-    check_run(*pip, "--python", python, "install", "-q", "--no-deps",
-              *map(str, wheels.glob("*.whl")))
+    check_run(
+        *pip, "--python", python, "install", "-q", "--no-deps", *map(str, wheels.glob("*.whl"))
+    )
     for name, text in STAND_IN.items():
         (tmp_path / "stand_in" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "stand_in" / name).write_text(text)

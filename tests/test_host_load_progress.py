@@ -23,7 +23,9 @@ def test_generate_prints_shard_and_layer_progress(sharded):
     on = es.run_mlx_lm(*args, env=es.subprocess_env(MLX_ARCH_PLUGINS_PROGRESS_AFTER="0"))
     lines = [line for line in on.stderr.splitlines() if line.startswith("[mlx-arch-plugins]")]
     n = len(shards)
-    assert lines[0].startswith(f"[mlx-arch-plugins] loading deepseek_v4 from {sharded}: {n} shard(s)")
+    assert lines[0].startswith(
+        f"[mlx-arch-plugins] loading deepseek_v4 from {sharded}: {n} shard(s)"
+    )
     # the last shard and the last layer are always reported (others at most once a second)
     assert any(f"shard {n}/{n} read: {shards[-1].name}" in line for line in lines), lines
     assert any("layer 3/3 read and re-packed" in line for line in lines), lines
@@ -33,7 +35,9 @@ def test_generate_prints_shard_and_layer_progress(sharded):
     # (that progress loads exactly the same arrays is checked in-process below)
 
 
-def test_progress_wrapper_loads_the_same_arrays_and_is_quiet_when_fast(sharded, monkeypatch, capsys):
+def test_progress_wrapper_loads_the_same_arrays_and_is_quiet_when_fast(
+    sharded, monkeypatch, capsys
+):
     import mlx.core as mx
     import mlx_lm.utils as mu
     from mlx.utils import tree_flatten

@@ -28,7 +28,11 @@ def write_st(path, tensors, metadata=None, header_len=None, header_bytes=None, t
         hdr["__metadata__"] = metadata
     data = b""
     for name, dtype, shape, raw in tensors:
-        hdr[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        hdr[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     h = header_bytes if header_bytes is not None else json.dumps(hdr).encode()
     h += b" " * (-len(h) % 8)
@@ -124,11 +128,34 @@ def test_f4_packed_bytes_and_nibble_order(tmp_path):
     got = np.array(got)
     assert np.array_equal(got, packed)
     # decode independently: element 2k is the low nibble
-    vals = np.array([[e2m1_reference((b >> (4 * (j % 2))) & 15) for j, b in
-                      ((j, row[j // 2]) for j in range(8))] for row in got])
+    vals = np.array(
+        [
+            [
+                e2m1_reference((b >> (4 * (j % 2))) & 15)
+                for j, b in ((j, row[j // 2]) for j in range(8))
+            ]
+            for row in got
+        ]
+    )
     assert vals[0, 0] == 0.0 and vals[0, 1] == 0.0
     assert vals[0, 2] == -6.0 and vals[0, 3] == 0.0
-    assert sorted({e2m1_reference(c) for c in range(16)}) == [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    assert sorted({e2m1_reference(c) for c in range(16)}) == [
+        -6,
+        -4,
+        -3,
+        -2,
+        -1.5,
+        -1,
+        -0.5,
+        0,
+        0.5,
+        1,
+        1.5,
+        2,
+        3,
+        4,
+        6,
+    ]
 
 
 def test_f4_odd_last_dim_rejected(tmp_path):
@@ -153,8 +180,11 @@ def test_native_dtypes_match_mlx(tmp_path):
     }
     if native_supports("F8_E8M0"):
         arrays["e8m0"] = ("F8_E8M0", bytes(range(100, 140)), (8, 5))
-    p = write_st(tmp_path / "n.safetensors", [(k, dt, s, raw) for k, (dt, raw, s) in arrays.items()],
-                 metadata={"format": "pt"})
+    p = write_st(
+        tmp_path / "n.safetensors",
+        [(k, dt, s, raw) for k, (dt, raw, s) in arrays.items()],
+        metadata={"format": "pt"},
+    )
     native = (shim.original_load())(str(p), return_metadata=True)
     mine = shim.load_safetensors(p, return_metadata=True)
     assert mine[1] == native[1] == {"format": "pt"}
@@ -163,8 +193,10 @@ def test_native_dtypes_match_mlx(tmp_path):
         a, b = native[0][k], mine[0][k]
         assert a.dtype == b.dtype and a.shape == b.shape, k
         if a.size:
-            assert np.array(a.view(mx.uint8) if a.dtype == mx.bfloat16 else a).tobytes() == \
-                np.array(b.view(mx.uint8) if b.dtype == mx.bfloat16 else b).tobytes(), k
+            assert (
+                np.array(a.view(mx.uint8) if a.dtype == mx.bfloat16 else a).tobytes()
+                == np.array(b.view(mx.uint8) if b.dtype == mx.bfloat16 else b).tobytes()
+            ), k
 
 
 # --- mx.load wrapper ---------------------------------------------------------------
@@ -186,9 +218,11 @@ def test_install_uninstall_idempotent_and_reversible():
 
 
 def test_wrapper_falls_back_only_on_unsupported_dtype(tmp_path, installed, monkeypatch):
-    p = write_st(tmp_path / "mixed.safetensors",
-                 [("a", "F8_E5M2", [2], bytes([0x3C, 0xC0])), ("b", "F32", [1], struct.pack("<f", 2.5))],
-                 metadata={"k": "v"})
+    p = write_st(
+        tmp_path / "mixed.safetensors",
+        [("a", "F8_E5M2", [2], bytes([0x3C, 0xC0])), ("b", "F32", [1], struct.pack("<f", 2.5))],
+        metadata={"k": "v"},
+    )
     w, md = mx.load(str(p), return_metadata=True)
     assert md == {"k": "v"}
     assert w["a"].tolist() == [1.0, -2.0] and w["b"].tolist() == [2.5]
@@ -211,7 +245,10 @@ def test_wrapper_passes_other_errors_and_formats(tmp_path, installed):
 
 def test_wrapper_on_f8_e8m0_matches_raw(tmp_path, installed):
     raw = bytes([120, 121, 130, 131])
-    p = write_st(tmp_path / "s.safetensors", [("s", "F8_E8M0", [2, 2], raw), ("w", "F8_E4M3", [2], b"\x38\xb8")])
+    p = write_st(
+        tmp_path / "s.safetensors",
+        [("s", "F8_E8M0", [2, 2], raw), ("w", "F8_E4M3", [2], b"\x38\xb8")],
+    )
     d = mx.load(str(p))
     assert d["s"].dtype == mx.uint8 and np.array(d["s"]).tobytes() == raw
     assert d["w"].dtype == mx.uint8 and np.array(d["w"]).tobytes() == b"\x38\xb8"
@@ -242,41 +279,80 @@ def bad_cases(tmp):
         r"nojson\.safetensors: header \(\d+ bytes\) is not valid UTF-8 JSON",
     )
     cases["unknown_dtype"] = (
-        write_raw_header(tmp / "dtype.safetensors", {"t": {"dtype": "F7", "shape": [4], "data_offsets": [0, 4]}}, bytes(4)),
+        write_raw_header(
+            tmp / "dtype.safetensors",
+            {"t": {"dtype": "F7", "shape": [4], "data_offsets": [0, 4]}},
+            bytes(4),
+        ),
         r"dtype\.safetensors, tensor 't': unknown dtype 'F7'; expected one of .*BF16.*F8_E8M0",
     )
     cases["size_mismatch"] = (
-        write_raw_header(tmp / "lies.safetensors", {"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, F32x4),
+        write_raw_header(
+            tmp / "lies.safetensors",
+            {"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}},
+            F32x4,
+        ),
         r"lies\.safetensors, tensor 't': data_offsets \[0, 8\] span 8 bytes; expected 16 bytes for F32 shape \[4\]",
     )
     cases["huge_shape"] = (
-        write_raw_header(tmp / "huge.safetensors",
-                         {"t": {"dtype": "F32", "shape": [1 << 40, 1 << 20], "data_offsets": [0, 16]}}, F32x4),
+        write_raw_header(
+            tmp / "huge.safetensors",
+            {"t": {"dtype": "F32", "shape": [1 << 40, 1 << 20], "data_offsets": [0, 16]}},
+            F32x4,
+        ),
         r"huge\.safetensors, tensor 't': data_offsets \[0, 16\] span 16 bytes; expected \d+ bytes",
     )
     cases["offsets_beyond"] = (
-        write_raw_header(tmp / "beyond.safetensors", {"t": {"dtype": "U8", "shape": [4], "data_offsets": [100, 104]}}, F32x4),
+        write_raw_header(
+            tmp / "beyond.safetensors",
+            {"t": {"dtype": "U8", "shape": [4], "data_offsets": [100, 104]}},
+            F32x4,
+        ),
         r"beyond\.safetensors, tensor 't': data_offsets \[100, 104\] end past the data section \(16 bytes",
     )
     cases["overlap"] = (
-        write_raw_header(tmp / "overlap.safetensors", {
-            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, F32x4),
+        write_raw_header(
+            tmp / "overlap.safetensors",
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            F32x4,
+        ),
         r"overlap\.safetensors, tensor 'b': data \[4, 12\) overlaps tensor 'a' \[0, 8\); expected disjoint",
     )
     cases["negative_offsets"] = (
-        write_raw_header(tmp / "neg.safetensors", {"t": {"dtype": "U8", "shape": [4], "data_offsets": [8, 4]}}, F32x4),
+        write_raw_header(
+            tmp / "neg.safetensors",
+            {"t": {"dtype": "U8", "shape": [4], "data_offsets": [8, 4]}},
+            F32x4,
+        ),
         r"neg\.safetensors, tensor 't': data_offsets \[8, 4\] are not ordered",
     )
     cases["bad_shape"] = (
-        write_raw_header(tmp / "shape.safetensors", {"t": {"dtype": "U8", "shape": [-4], "data_offsets": [0, 4]}}, F32x4),
+        write_raw_header(
+            tmp / "shape.safetensors",
+            {"t": {"dtype": "U8", "shape": [-4], "data_offsets": [0, 4]}},
+            F32x4,
+        ),
         r"shape\.safetensors, tensor 't': shape must be a list of non-negative integers, got \[-4\]",
     )
     return cases
 
 
-CASES = ["truncated", "header_len_beyond_eof", "short_file", "not_json", "unknown_dtype",
-         "size_mismatch", "huge_shape", "offsets_beyond", "overlap", "negative_offsets", "bad_shape"]
+CASES = [
+    "truncated",
+    "header_len_beyond_eof",
+    "short_file",
+    "not_json",
+    "unknown_dtype",
+    "size_mismatch",
+    "huge_shape",
+    "offsets_beyond",
+    "overlap",
+    "negative_offsets",
+    "bad_shape",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -297,7 +373,10 @@ def test_bad_headers_through_mx_load(tmp_path, case, installed):
 
 def test_undecodable_known_dtype(tmp_path):
     p = write_st(tmp_path / "f6.safetensors", [("t", "F6_E2M3", [4], b"\x00" * 3)])
-    with pytest.raises(SafetensorsError, match=r"f6\.safetensors, tensor 't': dtype F6_E2M3 is valid safetensors but"):
+    with pytest.raises(
+        SafetensorsError,
+        match=r"f6\.safetensors, tensor 't': dtype F6_E2M3 is valid safetensors but",
+    ):
         shim.load_safetensors(p)
 
 
@@ -329,8 +408,10 @@ print(json.dumps({"delta_bytes": (after - before) * 1024, "n": len(out)}))
 def big_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("big") / "big.safetensors"
     big = 256 * 1024 * 1024
-    hdr = {"small": {"dtype": "F8_E5M2", "shape": [8], "data_offsets": [0, 8]},
-           "big": {"dtype": "U8", "shape": [big], "data_offsets": [8, 8 + big]}}
+    hdr = {
+        "small": {"dtype": "F8_E5M2", "shape": [8], "data_offsets": [0, 8]},
+        "big": {"dtype": "U8", "shape": [big], "data_offsets": [8, 8 + big]},
+    }
     h = json.dumps(hdr).encode()
     h += b" " * (-len(h) % 8)
     with open(p, "wb") as f:
@@ -342,7 +423,12 @@ def big_file(tmp_path_factory):
 
 
 def _probe(path, mode):
-    r = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), mode], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(path), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -375,18 +461,24 @@ def _fresh(code):
 def test_installed_when_mlx_lm_utils_imported():
     # stock load_model calls mx.load on every shard before it resolves the model
     # class, so the wrapper must be in place as soon as mlx_lm.utils exists
-    code = ("from mlx_arch_plugins.host.patches import safetensors_shim as shim\n"
-            "before = shim.is_installed()\n"
-            "import mlx_lm.utils\n"
-            "print(before, shim.is_installed())")
+    code = (
+        "from mlx_arch_plugins.host.patches import safetensors_shim as shim\n"
+        "before = shim.is_installed()\n"
+        "import mlx_lm.utils\n"
+        "print(before, shim.is_installed())"
+    )
     assert _fresh(code) == "False True"
 
 
 def test_mx_load_after_mlx_lm_import_reads_unsupported_dtypes(tmp_path):
     """What stock load_model sees from mx.load, with no model module imported."""
-    p = write_st(tmp_path / "model.safetensors", [("s", "F8_E8M0", [2], bytes([127, 130])),
-                                                  ("h", "F8_E5M2", [1], bytes([0x40]))])
-    code = ("import mlx_lm.utils as u, mlx.core as mx\n"
-            f"w = mx.load({str(p)!r})\n"
-            "print(w['s'].dtype, w['s'].tolist(), w['h'].dtype, w['h'].tolist())")
+    p = write_st(
+        tmp_path / "model.safetensors",
+        [("s", "F8_E8M0", [2], bytes([127, 130])), ("h", "F8_E5M2", [1], bytes([0x40]))],
+    )
+    code = (
+        "import mlx_lm.utils as u, mlx.core as mx\n"
+        f"w = mx.load({str(p)!r})\n"
+        "print(w['s'].dtype, w['s'].tolist(), w['h'].dtype, w['h'].tolist())"
+    )
     assert _fresh(code) == "mlx.core.uint8 [127, 130] mlx.core.float16 [2.0]"

@@ -53,20 +53,14 @@ def test_shipped_toolless_jinja_is_replaced_by_official_encoder(tu, tmp_path):
 
 def test_explicit_user_template_wins(tu, tmp_path):
     folder = cs.make_checkpoint(tmp_path, jinja=cs.COMMUNITY_JINJA.encode("utf-8"))
-    wrapper = tu.load(
-        folder, {"chat_template": "{{ bos_token }}X{{ messages[0]['content'] }}"}
-    )
-    text = wrapper.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False
-    )
+    wrapper = tu.load(folder, {"chat_template": "{{ bos_token }}X{{ messages[0]['content'] }}"})
+    text = wrapper.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text == cs.BOS + "Xhi"
     # The tool parser is still the DSML one.
     assert wrapper.tool_call_start == "\n\n<｜DSML｜tool_calls>"
 
 
-def test_chat_template_type_in_checkpoint_config_is_respected(
-    tu, tmp_path, monkeypatch
-):
+def test_chat_template_type_in_checkpoint_config_is_respected(tu, tmp_path, monkeypatch):
     import sys
     import types
 
@@ -78,9 +72,7 @@ def test_chat_template_type_in_checkpoint_config_is_respected(
     cfg["chat_template_type"] = "chat_test_fake"
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
     wrapper = tu.load(folder)
-    text = wrapper.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False
-    )
+    text = wrapper.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text == cs.BOS + "FAKE"
     assert wrapper.has_tool_calling  # the DSML parser is still added
 
@@ -93,9 +85,7 @@ def test_other_model_types_are_untouched(tu, tmp_path):
     assert _tokenizer_patch.served_settings(folder) is None
 
 
-def test_fallback_when_transformers_cannot_build_tokenizer(
-    tu, tmp_path, transformers_broken
-):
+def test_fallback_when_transformers_cannot_build_tokenizer(tu, tmp_path, transformers_broken):
     folder = cs.make_checkpoint(tmp_path)
     wrapper = tu.load(folder)
     assert transformers_broken, "AutoTokenizer was not tried first"
@@ -112,11 +102,7 @@ def test_fallback_when_transformers_cannot_build_tokenizer(
         assert _render(wrapper, case) == case["expected_token_ids"]
         assert tok.decode(case["expected_token_ids"]) == case["expected_prompt"]
     # Streaming detokenizer over a DSML completion.
-    dec = next(
-        c
-        for c in cs.decode_cases()
-        if c["id"] == "dec-004-thinking-content-and-tool-call"
-    )
+    dec = next(c for c in cs.decode_cases() if c["id"] == "dec-004-thinking-content-and-tool-call")
     detok = wrapper.detokenizer
     detok.reset()
     for t in dec["completion_token_ids"]:
@@ -125,9 +111,7 @@ def test_fallback_when_transformers_cannot_build_tokenizer(
     assert detok.text == dec["completion_text"]
 
 
-def test_fallback_checkpoint_with_only_tokenizer_json_and_jinja(
-    tu, tmp_path, transformers_broken
-):
+def test_fallback_checkpoint_with_only_tokenizer_json_and_jinja(tu, tmp_path, transformers_broken):
     # No tokenizer_config.json / generation_config.json; a BOM-prefixed template file.
     folder = cs.make_checkpoint(
         tmp_path,
@@ -138,9 +122,7 @@ def test_fallback_checkpoint_with_only_tokenizer_json_and_jinja(
     tok = tokenizer_fallback.load_tokenizer(folder)
     assert tok.chat_template == cs.COMMUNITY_JINJA  # BOM stripped
     assert (tok.bos_token, tok.eos_token, tok.eos_token_id) == (cs.BOS, cs.EOS, 1)
-    assert tok.encode("hi", add_special_tokens=True) == tok.encode(
-        "hi", add_special_tokens=False
-    )
+    assert tok.encode("hi", add_special_tokens=True) == tok.encode("hi", add_special_tokens=False)
 
     wrapper = tu.load(folder)
     assert transformers_broken
@@ -156,17 +138,13 @@ def test_fallback_checkpoint_with_only_tokenizer_json_and_jinja(
 
 
 def test_fallback_errors_name_the_file(tmp_path):
-    (tmp_path / "config.json").write_text(
-        '{"model_type": "deepseek_v4"}', encoding="utf-8"
-    )
+    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v4"}', encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         tokenizer_fallback.load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="tokenizer.json"):
         tokenizer_fallback.load_tokenizer(tmp_path)
-    (tmp_path / "generation_config.json").write_text(
-        '{"eos_token_id": "x"}', encoding="utf-8"
-    )
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "x"}', encoding="utf-8")
     with pytest.raises(ValueError, match="generation_config.json"):
         tokenizer_fallback.eos_token_ids(tmp_path)
 
@@ -187,9 +165,7 @@ def test_apply_is_idempotent_and_undo_restores(tmp_path):
 
     calls = []
 
-    def original(
-        model_path, tokenizer_config_extra=None, eos_token_ids=None, defaults=None
-    ):
+    def original(model_path, tokenizer_config_extra=None, eos_token_ids=None, defaults=None):
         calls.append(tokenizer_config_extra)
         return "loaded"
 
@@ -258,9 +234,7 @@ def test_release_follows_the_checkpoint_encoder(tu, tmp_path, source, release):
     wrapper = tu.load(folder)
     case = ENCODE[f"enc-032-effort-high-thinking@{release}"]
     msgs = case["mlx_server_template_input"]["messages"]
-    ids = wrapper.apply_chat_template(
-        msgs, thinking_mode="thinking", reasoning_effort="high"
-    )
+    ids = wrapper.apply_chat_template(msgs, thinking_mode="thinking", reasoning_effort="high")
     assert ids == case["expected_token_ids"]
     # A release passed at call time still wins.
     other = "v4-2604" if release == "v4-0731" else "v4-0731"

@@ -80,9 +80,7 @@ def run_golden(job, group):
     from mlx_lm.utils import load_model
 
     cfg = {} if job.get("qat", True) else {"qat_rounding": False}
-    model, _ = load_model(
-        GOLDEN / job["case"] / job["fmt"], lazy=True, model_config=cfg or None
-    )
+    model, _ = load_model(GOLDEN / job["case"] / job["fmt"], lazy=True, model_config=cfg or None)
     _split(model, job["mode"], group)
     model.set_dtype(getattr(mx, job.get("dtype", "float32")))
     mx.eval(model.parameters())

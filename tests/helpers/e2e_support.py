@@ -180,7 +180,9 @@ class ServerProcess:
     def client(self, timeout=120):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url + "/v1", api_key="unused", timeout=timeout, max_retries=0)
+        return OpenAI(
+            base_url=self.base_url + "/v1", api_key="unused", timeout=timeout, max_retries=0
+        )
 
     def post_raw(self, path, body: bytes, content_type="application/json", timeout=60):
         """POST raw bytes; returns (status, body text) without raising on 4xx/5xx."""
@@ -202,9 +204,22 @@ def mlx_lm_server(model_dir, log_path, *extra_args, startup_timeout=180, env=Non
     port = free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-         "--host", "127.0.0.1", "--port", str(port), *map(str, extra_args)],
-        stdout=log, stderr=subprocess.STDOUT, env=env or subprocess_env(),
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *map(str, extra_args),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env or subprocess_env(),
     )
     server = ServerProcess(proc, port, log_path)
     try:

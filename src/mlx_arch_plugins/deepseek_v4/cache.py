@@ -252,18 +252,14 @@ class DeepseekV4Cache(_BaseCache):
     def state(self):
         head = mx.array([self.offset, self.sliding_window, self.compress_ratio])
         return [head] + [
-            _ABSENT if getattr(self, f) is None else getattr(self, f)
-            for f in _ARRAY_FIELDS
+            _ABSENT if getattr(self, f) is None else getattr(self, f) for f in _ARRAY_FIELDS
         ]
 
     @state.setter
     def state(self, v):
-        self.offset, self.sliding_window, self.compress_ratio = (
-            int(x) for x in v[0].tolist()
-        )
+        self.offset, self.sliding_window, self.compress_ratio = (int(x) for x in v[0].tolist())
         arrays = {
-            k: (None if a is None or a.ndim != 3 else a)
-            for k, a in zip(_ARRAY_FIELDS, v[1:])
+            k: (None if a is None or a.ndim != 3 else a) for k, a in zip(_ARRAY_FIELDS, v[1:])
         }
         self.window = arrays["window"]
         self._comp = arrays["comp"]
@@ -553,18 +549,33 @@ class PackedDecodeState:
 
     # -- building ---------------------------------------------------------
     @classmethod
-    def pack(cls, caches: Sequence[DeepseekV4Cache], *, window: int, ratio: int,
-             dtype, head_dim: int, comp_width: int = 0, index_dim: int = 0,
-             index_width: int = 0) -> "PackedDecodeState":
+    def pack(
+        cls,
+        caches: Sequence[DeepseekV4Cache],
+        *,
+        window: int,
+        ratio: int,
+        dtype,
+        head_dim: int,
+        comp_width: int = 0,
+        index_dim: int = 0,
+        index_width: int = 0,
+    ) -> "PackedDecodeState":
         """``dtype``/``head_dim`` of the KV rows (for empty caches); widths:
         the compressors' row widths (0: none)."""
         st = cls()
         # the dtype by name: unpacked caches keep this state for their undo
         # records, and mlx_lm.server deep-copies them (an mx.Dtype cannot be)
         dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
-        st.dims = dict(window=window, ratio=ratio, dtype=str(dtype).rsplit(".", 1)[-1],
-                       head_dim=head_dim, comp_width=comp_width, index_dim=index_dim,
-                       index_width=index_width)
+        st.dims = dict(
+            window=window,
+            ratio=ratio,
+            dtype=str(dtype).rsplit(".", 1)[-1],
+            head_dim=head_dim,
+            comp_width=comp_width,
+            index_dim=index_dim,
+            index_width=index_width,
+        )
         st.offsets = [c.offset for c in caches]
         st.n = [c.n_comp for c in caches]
         like = mx.zeros((1, 1, head_dim), dtype=dtype)
@@ -577,12 +588,8 @@ class PackedDecodeState:
             st.rings["comp"] = st._pack_ring(caches, "comp_kv", "comp_score", comp_width)
             if index_dim:
                 ilike = mx.zeros((1, 1, index_dim), dtype=dtype)
-                st.index = mx.concatenate(
-                    [_pad_rows(c.index, cap, ilike) for c in caches], 0
-                )
-                st.rings["index"] = st._pack_ring(
-                    caches, "index_kv", "index_score", index_width
-                )
+                st.index = mx.concatenate([_pad_rows(c.index, cap, ilike) for c in caches], 0)
+                st.rings["index"] = st._pack_ring(caches, "index_kv", "index_score", index_width)
         return st
 
     def _ring_size(self):

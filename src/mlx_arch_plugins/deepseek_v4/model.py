@@ -138,14 +138,11 @@ class ModelArgs(BaseModelArgs):
         ratios = list(self.compress_ratios or [])
         if len(ratios) < self.num_hidden_layers:
             problems.append(
-                f"compress_ratios has {len(ratios)} entries for "
-                f"{self.num_hidden_layers} layers"
+                f"compress_ratios has {len(ratios)} entries for {self.num_hidden_layers} layers"
             )
         bad = sorted({r for r in ratios if r not in SUPPORTED_RATIOS})
         if bad:
-            problems.append(
-                f"compress ratio(s) {bad} unsupported (supported: {SUPPORTED_RATIOS})"
-            )
+            problems.append(f"compress ratio(s) {bad} unsupported (supported: {SUPPORTED_RATIOS})")
         # MTP layers take the trailing entries; missing ones mean window only.
         self.compress_ratios = (ratios + [0] * n_layers)[:n_layers]
         if self.num_key_value_heads != 1:
@@ -183,9 +180,7 @@ class ModelArgs(BaseModelArgs):
             if kind not in ("yarn", "deepseek_yarn", None, "default"):
                 problems.append(f"rope_scaling type {kind!r} unsupported")
         if problems:
-            raise ValueError(
-                "Unsupported DeepSeek-V4 configuration: " + "; ".join(problems)
-            )
+            raise ValueError("Unsupported DeepSeek-V4 configuration: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------
@@ -310,18 +305,14 @@ class DeepseekV4RoPE:
             slow = scaling.get("beta_slow", 1)
 
             def corr(rot):
-                return (
-                    rope_dims * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
-                )
+                return rope_dims * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
 
             low = max(math.floor(corr(fast)), 0)
             high = min(math.ceil(corr(slow)), rope_dims - 1)
             if low == high:
                 high += 0.001
             inv32 = mx.array(inv, dtype=mx.float32)
-            ramp = mx.clip(
-                (mx.arange(rope_dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1
-            )
+            ramp = mx.clip((mx.arange(rope_dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
             # The reference blends in float32; keep its rounding.
             inv = (inv32 / factor * ramp + inv32 * (1 - ramp)).tolist()
         self.rope_dims = rope_dims
@@ -422,8 +413,7 @@ def _hc_collapse(h, fn, scale, base, hc, iters, eps, norm_eps):
 def _pre_weights(mixes, scale, base, hc, eps):
     # pre_i = sigmoid(l_i s0 + b_i) + eps, each [..., 1] (views of the logits)
     return [
-        mx.sigmoid(mixes[..., i : i + 1] * scale[0 : 1] + base[i : i + 1]) + eps
-        for i in range(hc)
+        mx.sigmoid(mixes[..., i : i + 1] * scale[0:1] + base[i : i + 1]) + eps for i in range(hc)
     ]
 
 
@@ -443,7 +433,7 @@ def _comb_softmax(mixes, scale, base, hc, eps):
     lead = mixes.shape[:-1]
     raw = mixes[..., 2 * hc :].reshape(*lead, hc, hc)
     b = base[2 * hc :].reshape(hc, hc)
-    cols = [raw[..., j : j + 1] * scale[2 : 3] + b[:, j : j + 1] for j in range(hc)]
+    cols = [raw[..., j : j + 1] * scale[2:3] + b[:, j : j + 1] for j in range(hc)]
     top = cols[0]
     for c in cols[1:]:
         top = mx.maximum(top, c)
@@ -451,7 +441,7 @@ def _comb_softmax(mixes, scale, base, hc, eps):
     for c in cols:
         e = mx.exp(c - top)
         total = e if total is None else total + e
-    return mx.exp(raw * scale[2 : 3] + b - top) / total + eps
+    return mx.exp(raw * scale[2:3] + b - top) / total + eps
 
 
 @mx.compile
@@ -464,7 +454,7 @@ def _hc_collapse_views(h, fn, scale, base, hc, iters, eps, norm_eps):
     for _ in range(iters - 1):
         comb = comb / (_sum_views(comb, -1) + eps)
         comb = comb / (_sum_views(comb, -2) + eps)
-    post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * scale[1 : 2] + base[hc : 2 * hc])
+    post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * scale[1:2] + base[hc : 2 * hc])
     x = _streams_sum(h, _pre_weights(mixes, scale, base, hc, eps))
     return x, post, comb
 
@@ -508,7 +498,13 @@ class HyperConnection(nn.Module):
             )
             return _hc_weighted(h, pre), post, comb
         return _hc_collapse_views(
-            h, self.fn, self.scale, self.base, self.hc, self.iters, self.eps,
+            h,
+            self.fn,
+            self.scale,
+            self.base,
+            self.hc,
+            self.iters,
+            self.eps,
             self.norm_eps,
         )
 
@@ -585,9 +581,7 @@ class Compressor(nn.Module):
             if lo < start:  # block -1 of an overlapping first block: empty
                 pad = start - lo
                 kv = mx.concatenate([mx.zeros((B, pad, kv.shape[2])), kv], 1)
-                score = mx.concatenate(
-                    [mx.full((B, pad, kv.shape[2]), -mx.inf), score], 1
-                )
+                score = mx.concatenate([mx.full((B, pad, kv.shape[2]), -mx.inf), score], 1)
                 start = lo
             blk_kv = kv[:, lo - start : last * m - start]
             blk_sc = score[:, lo - start : last * m - start]
@@ -707,8 +701,6 @@ def memoised(owner, name: str, anchors: tuple, key, build):
     return value
 
 
-
-
 def row_offsets(B: int, cap: int, ndim: int) -> mx.array:
     """``b * cap`` for each batch row ``b``, shaped to broadcast over ``ndim`` axes."""
     return (mx.arange(B) * cap).reshape(B, *([1] * (ndim - 1)))
@@ -765,9 +757,7 @@ class DeepseekV4Attention(nn.Module):
             return kv
         if self.rope_dims % 64 == 0:
             return qat_round_head(kv, 64, "fp8", self.rope_dims)
-        return mx.concatenate(
-            [qat_round(kv[..., :nope], 64, "fp8"), kv[..., nope:]], axis=-1
-        )
+        return mx.concatenate([qat_round(kv[..., :nope], 64, "fp8"), kv[..., nope:]], axis=-1)
 
     def __call__(self, x, cache=None):
         q, kv, proj = self.project(x, self.index_flag(cache, x.shape[1]))
@@ -1048,9 +1038,7 @@ class MoEGate(nn.Module):
         if self.hash:
             self.tid2eid = mx.zeros((args.vocab_size, self.top_k), dtype=mx.int32)
         else:
-            self.e_score_correction_bias = mx.zeros(
-                (args.n_routed_experts,), dtype=mx.float32
-            )
+            self.e_score_correction_bias = mx.zeros((args.n_routed_experts,), dtype=mx.float32)
 
     def __call__(self, x, input_ids):
         if self.hash:
@@ -1114,9 +1102,16 @@ def _experts(layer, x, idx, sorted_indices):
     ):
         return layer(x, idx, sorted_indices=sorted_indices)
     return mx.gather_qmm(
-        x, layer["weight"], layer["scales"], layer.get("biases"),
-        lhs_indices=_lhs_indices(tuple(x.shape[:-2])), rhs_indices=idx, transpose=True,
-        group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+        x,
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        lhs_indices=_lhs_indices(tuple(x.shape[:-2])),
+        rhs_indices=idx,
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
     )
 
 
@@ -1151,7 +1146,9 @@ def _dequant_rows(mode: str) -> Optional[int]:
 
 
 def _dequantizable(layer) -> bool:
-    return "scales" in layer and "bias" not in layer and getattr(layer, "global_scale", None) is None
+    return (
+        "scales" in layer and "bias" not in layer and getattr(layer, "global_scale", None) is None
+    )
 
 
 def _experts_dequantized(layer, x, idx, counts):
@@ -1171,13 +1168,19 @@ def _experts_dequantized(layer, x, idx, counts):
         if stop == start:
             continue
         w = mx.dequantize(
-            layer["weight"][e0:e1], layer["scales"][e0:e1],
+            layer["weight"][e0:e1],
+            layer["scales"][e0:e1],
             None if layer.get("biases") is None else layer["biases"][e0:e1],
-            layer.group_size, layer.bits, mode=layer.mode, dtype=dtype,
+            layer.group_size,
+            layer.bits,
+            mode=layer.mode,
+            dtype=dtype,
         )
         y = mx.gather_mm(
-            x[start:stop].astype(dtype), w.swapaxes(-1, -2),
-            rhs_indices=idx[start:stop] - e0, sorted_indices=True,
+            x[start:stop].astype(dtype),
+            w.swapaxes(-1, -2),
+            rhs_indices=idx[start:stop] - e0,
+            sorted_indices=True,
         )
         outs.append(y.astype(x.dtype))
         start = stop
@@ -1445,8 +1448,7 @@ class Model(nn.Module):
 
     def make_cache(self):
         return [
-            DeepseekV4Cache(self.args.sliding_window, layer.attn.ratio)
-            for layer in self.layers
+            DeepseekV4Cache(self.args.sliding_window, layer.attn.ratio) for layer in self.layers
         ]
 
     def quant_predicate(self, path, module):
@@ -1457,7 +1459,14 @@ class Model(nn.Module):
     @property
     def cast_predicate(self):
         # Kept in float32 as the reference does: small, precision-critical.
-        keep = ("_hc.", "hc_head.", "attn_sink", "e_score_correction_bias", ".ape", "ffn.gate.weight")
+        keep = (
+            "_hc.",
+            "hc_head.",
+            "attn_sink",
+            "e_score_correction_bias",
+            ".ape",
+            "ffn.gate.weight",
+        )
 
         def predicate(k):
             return not any(s in k for s in keep)

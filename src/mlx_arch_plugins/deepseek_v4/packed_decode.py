@@ -71,9 +71,7 @@ def plan_step(T: tuple, W: int, m: int, cap: int) -> Plan:
     p.pool = any(done)
     blocks = [t // m for t in T]
     p.blocks = mx.array(blocks, dtype=mx.int32)
-    p.write = mx.array(
-        [kb if d else cap - 1 for kb, d in zip(blocks, done)], dtype=mx.int32
-    )
+    p.write = mx.array([kb if d else cap - 1 for kb, d in zip(blocks, done)], dtype=mx.int32)
     if p.pool and m == 4:
         p.order = mx.array(
             [[[s % R] for s in range((kb - 1) * m, kb * m + m)] for kb in blocks],
@@ -105,9 +103,7 @@ def _state(attn, cache, kv_dtype):
     st = cache._packed
     if st is not None:
         return st
-    dims = dict(
-        window=attn.window, ratio=attn.ratio, dtype=kv_dtype, head_dim=attn.head_dim
-    )
+    dims = dict(window=attn.window, ratio=attn.ratio, dtype=kv_dtype, head_dim=attn.head_dim)
     if attn.ratio:
         dims["comp_width"] = attn.compressor.ape.shape[1]
         if attn.ratio == 4:
@@ -163,9 +159,7 @@ def _compress(attn, proj, st, plan):
 
 def _ring_step(comp, kv, score, name, st, plan):
     m, d = comp.ratio, comp.dim
-    ring_kv, ring_sc = _ring_write(
-        *st.rings[name], plan.hot, kv, score, comp.ape[plan.ape_pos]
-    )
+    ring_kv, ring_sc = _ring_write(*st.rings[name], plan.hot, kv, score, comp.ape[plan.ape_pos])
     st.rings[name] = (ring_kv, ring_sc)
     if not plan.pool:
         return None

@@ -29,6 +29,8 @@ BOUND_MAXDEV = 4.0
 WITHIN_MIN = 0.98  #    ... for at least 98% of positions
 MEAN_MAX = 1e-2  # 2. mean |logit - target| <= 1e-2
 TOP1_MIN = 0.97  # 3. top-1 agreement >= 97% of positions
+
+
 def _unsupported(error: Exception) -> bool:
     """True when the backend has no quantized-matmul kernel for a problem shape: MLX CUDA
     has none for the tiny checkpoint's mxfp8 layers (seen on the H200: "No implementation

@@ -70,8 +70,7 @@ def check_shardable(model, n: int) -> None:
     problems = []
     if args.num_attention_heads % n:
         problems.append(
-            f"num_attention_heads={args.num_attention_heads} is not divisible by "
-            f"the group size {n}"
+            f"num_attention_heads={args.num_attention_heads} is not divisible by the group size {n}"
         )
     if args.o_groups % n:
         problems.append(

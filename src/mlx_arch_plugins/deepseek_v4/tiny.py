@@ -484,6 +484,7 @@ def file_tensors(params: List[Param], fmt: str, seed: int) -> List[FileTensor]:
     out: List[FileTensor] = []
     for p in params:
         if p.kind == "plain":
+
             def gen(p=p):
                 for b in _row_blocks(p.shape[0] if p.shape else 1):
                     x = plain_rows(p, seed, b)
@@ -491,6 +492,7 @@ def file_tensors(params: List[Param], fmt: str, seed: int) -> List[FileTensor]:
 
             out.append(FileTensor(p.name, p.dtype, p.shape, gen))
         elif p.kind == "tid2eid":
+
             def gen(p=p):
                 for b in _row_blocks(p.shape[0]):
                     yield tid2eid_rows(p, seed, b).tobytes()
@@ -499,6 +501,7 @@ def file_tensors(params: List[Param], fmt: str, seed: int) -> List[FileTensor]:
         elif p.kind == "fp8":
             out_f, in_f = p.shape
             if fmt == "official":
+
                 def gw(p=p):
                     for b in _row_blocks(p.shape[0]):
                         yield fp8_codes_rows(p, seed, b).tobytes()
@@ -510,6 +513,7 @@ def file_tensors(params: List[Param], fmt: str, seed: int) -> List[FileTensor]:
                 out.append(FileTensor(p.name + ".weight", "F8_E4M3", p.shape, gw))
                 out.append(FileTensor(p.name + ".scale", "F8_E8M0", s, gs))
             else:
+
                 def gb(p=p):
                     scale = fp8_scale(p, seed)
                     for b in _row_blocks(p.shape[0]):
@@ -522,6 +526,7 @@ def file_tensors(params: List[Param], fmt: str, seed: int) -> List[FileTensor]:
             if in_f % 32:
                 raise ValueError(f"{p.name}: FP4 expert input dim {in_f} is not a multiple of 32")
             if fmt == "official":
+
                 def gw(p=p):
                     for b in _row_blocks(p.shape[0]):
                         yield fp4_packed_rows(p, seed, b).tobytes()
@@ -533,6 +538,7 @@ def file_tensors(params: List[Param], fmt: str, seed: int) -> List[FileTensor]:
                 out.append(FileTensor(p.name + ".weight", "I8", (out_f, in_f // 2), gw))
                 out.append(FileTensor(p.name + ".scale", "F8_E8M0", (out_f, in_f // 32), gs))
             else:
+
                 def gb(p=p):
                     for b in _row_blocks(p.shape[0]):
                         w = dequant_fp4(fp4_packed_rows(p, seed, b), fp4_scale_rows(p, seed, b))
@@ -572,7 +578,11 @@ def write_safetensors(path: Path, tensors: List[FileTensor], metadata=None):
     header = {"__metadata__": metadata or {"format": "pt"}}
     off = 0
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [off, off + t.nbytes],
+        }
         off += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -607,7 +617,11 @@ def write_weights(dst: Path, tensors: List[FileTensor], max_shard_bytes: int):
 
 
 def checkpoint_config(cfg: dict, fmt: str) -> dict:
-    c = {k: v for k, v in cfg.items() if k not in ("quantization_config", "expert_dtype", "quantization")}
+    c = {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("quantization_config", "expert_dtype", "quantization")
+    }
     if fmt == "official":
         c["quantization_config"] = dict(QUANTIZATION_CONFIG)
         c["expert_dtype"] = "fp4"
@@ -644,8 +658,14 @@ def _real_tokenizer_dir() -> Optional[Path]:
 
 def _tokenizer_config() -> dict:
     def tok(s):
-        return {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": True,
-                "rstrip": False, "single_word": False}
+        return {
+            "__type": "AddedToken",
+            "content": s,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
 
     return {
         "add_bos_token": False,
@@ -683,7 +703,9 @@ def _small_tokenizer_json(vocab_size: int) -> str:
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"self-made tokenizer has {tok.get_vocab_size()} ids > vocab_size {vocab_size}")
+        raise ValueError(
+            f"self-made tokenizer has {tok.get_vocab_size()} ids > vocab_size {vocab_size}"
+        )
     return tok.to_str()
 
 
@@ -695,9 +717,17 @@ def write_tokenizer(dst: Path, vocab_size: int) -> str:
     else:
         (dst / "tokenizer.json").write_text(_small_tokenizer_json(vocab_size))
         kind = "small-bpe"
-    (dst / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
-    gen = {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True,
-           "temperature": 1.0, "top_p": 1.0}
+    (dst / "tokenizer_config.json").write_text(
+        json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
+    )
+    gen = {
+        "_from_model_config": True,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return kind
 
@@ -714,7 +744,7 @@ def resolve_config(config_file=None, preset=None, layers=None, experts=None, mtp
             full = cfg["compress_ratios"]
             n_mtp = cfg["num_nextn_predict_layers"]
             cfg["num_hidden_layers"] = layers
-            cfg["compress_ratios"] = full[:layers] + full[len(full) - n_mtp:]
+            cfg["compress_ratios"] = full[:layers] + full[len(full) - n_mtp :]
             cfg["num_hash_layers"] = min(cfg["num_hash_layers"], layers)
     else:
         if layers is not None:
@@ -755,7 +785,9 @@ def _convert_mlx(src: Path, dst: Path, fmt: str):
     convert(str(src), mlx_path=str(dst), quantize=True, q_group_size=group, q_bits=4, q_mode=mode)
 
 
-def make_tiny(out_dir, fmt="official", seed=0, cfg=None, max_shard_bytes=4 * 10**9, force=False) -> Path:
+def make_tiny(
+    out_dir, fmt="official", seed=0, cfg=None, max_shard_bytes=4 * 10**9, force=False
+) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     cfg = cfg or resolve_config()
@@ -831,7 +863,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.preset, args.layers, args.experts, args.mtp)
-        out = make_tiny(args.dir, args.format, args.seed, cfg, parse_size(args.max_shard_size), args.force)
+        out = make_tiny(
+            args.dir, args.format, args.seed, cfg, parse_size(args.max_shard_size), args.force
+        )
     except (ValueError, FileExistsError, OSError) as e:
         print(f"make-tiny: error: {e}", file=sys.stderr)
         return 2
@@ -842,4 +876,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -50,11 +50,9 @@ _FORBIDDEN_IN_TEXT = (
     ASSISTANT,
 )
 
-_INVOKE_OPEN = re.compile(r'<' + DSML + r'invoke name="([^"\n]*)">')
+_INVOKE_OPEN = re.compile(r"<" + DSML + r'invoke name="([^"\n]*)">')
 _INVOKE_CLOSE = f"</{DSML}invoke>"
-_PARAM_OPEN = re.compile(
-    r'<' + DSML + r'parameter name="([^"\n]*)" string="(true|false)">'
-)
+_PARAM_OPEN = re.compile(r"<" + DSML + r'parameter name="([^"\n]*)" string="(true|false)">')
 _PARAM_CLOSE = f"</{DSML}parameter>"
 
 
@@ -86,7 +84,7 @@ def _parse_params(body: str, name: str) -> List[Tuple[str, bool, str]]:
         if end < 0:
             raise DSMLParseError(
                 f"Parameter {m.group(1)!r} of invoke {name!r} is not closed "
-                f"(truncated output?): {_preview(body[m.start():])}"
+                f"(truncated output?): {_preview(body[m.start() :])}"
             )
         key = m.group(1)
         if key in seen:
@@ -109,14 +107,13 @@ def _parse_invokes(block: str) -> List[Tuple[str, List[Tuple[str, bool, str]]]]:
         m = _INVOKE_OPEN.match(block, pos)
         if m is None:
             raise DSMLParseError(
-                f"Invoke format error at {_preview(block[pos:])}: "
-                f'expected <{DSML}invoke name="…">'
+                f'Invoke format error at {_preview(block[pos:])}: expected <{DSML}invoke name="…">'
             )
         end = block.find(_INVOKE_CLOSE, m.end())
         if end < 0:
             raise DSMLParseError(
                 f"Invoke {m.group(1)!r} is not closed (truncated output?): "
-                f"{_preview(block[m.start():])}"
+                f"{_preview(block[m.start() :])}"
             )
         calls.append((m.group(1), _parse_params(block[m.end() : end], m.group(1))))
         pos = end + len(_INVOKE_CLOSE)
@@ -147,9 +144,7 @@ def parse_tool_call(text: str, tools: Optional[List[Any]] = None):
     body = text[1:] if text.startswith(">") else text
     calls = []
     for name, params in _parse_invokes(body):
-        calls.append(
-            {"name": name, "arguments": {k: _value(s, v) for k, s, v in params}}
-        )
+        calls.append({"name": name, "arguments": {k: _value(s, v) for k, s, v in params}})
     return calls
 
 
@@ -223,7 +218,10 @@ def parse_completion(text: str, thinking_mode: str = "thinking") -> Dict[str, An
             raise DSMLParseError(f"Unexpected content after tool calls: {_preview(tail)}")
         for name, params in _parse_invokes(block[1:end]):
             tool_calls.append(
-                {"type": "function", "function": {"name": name, "arguments": _arguments_json(params)}}
+                {
+                    "type": "function",
+                    "function": {"name": name, "arguments": _arguments_json(params)},
+                }
             )
     else:
         if not rest.endswith(EOS):

@@ -33,9 +33,7 @@ def _parser():
         description="Architectures for stock mlx-lm, served as plugins.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    doctor = sub.add_parser(
-        "doctor", help="show whether the plugin host works here, and why"
-    )
+    doctor = sub.add_parser("doctor", help="show whether the plugin host works here, and why")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     doctor.add_argument(
         "--selftest",

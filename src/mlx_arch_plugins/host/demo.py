@@ -31,9 +31,7 @@ _MARKER = "mlx_arch_plugins_demo.json"  # written last: the folder is complete
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
-    )
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mlx-arch-plugins"
 
 
@@ -72,9 +70,7 @@ def ensure_checkpoint(rebuild: bool = False, out=sys.stdout) -> Path:
     # The builder writes into a temporary sibling folder and renames it into place when
     # complete, so an interrupted build never leaves a half checkpoint.
     builder.build_demo(path)
-    (path / _MARKER).write_text(
-        json.dumps({"version": __version__, "tokenizer": kind}) + "\n"
-    )
+    (path / _MARKER).write_text(json.dumps({"version": __version__, "tokenizer": kind}) + "\n")
     elapsed = time.perf_counter() - t0
     print(f"Built in {elapsed:.1f}s (cached for the next runs).", file=out, flush=True)
     return path
@@ -94,17 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_TOKENS,
         help=f"tokens to generate (default: {DEFAULT_MAX_TOKENS})",
     )
-    ap.add_argument(
-        "--rebuild", action="store_true", help="build the cached checkpoint again"
-    )
+    ap.add_argument("--rebuild", action="store_true", help="build the cached checkpoint again")
     return ap
 
 
 def _print_notes(builder, tokenizer: str) -> None:
     name = builder.DEMO_NAME
-    print(
-        f"NOTE: this {name} checkpoint has RANDOM weights, so the text below is gibberish."
-    )
+    print(f"NOTE: this {name} checkpoint has RANDOM weights, so the text below is gibberish.")
     print(
         "      It shows that stock mlx-lm loads, runs and times the architecture, not model quality."
     )

@@ -85,11 +85,7 @@ def module_for(model_type: Optional[str]):
 def is_plugin_module(module) -> bool:
     """True for a module registered in the models group (not a stock mlx-lm module)."""
     name = getattr(module, "__name__", None)
-    return any(
-        ep.module == name
-        for eps in hook.registered()[MODELS_GROUP].values()
-        for ep in eps
-    )
+    return any(ep.module == name for eps in hook.registered()[MODELS_GROUP].values() for ep in eps)
 
 
 def module_of_model(model) -> Any:

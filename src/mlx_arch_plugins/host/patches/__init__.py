@@ -51,7 +51,5 @@ def on_import(name, module):
 
 def undo_all():
     for where in patching.undo_all():
-        warnings.warn(
-            f"mlx-arch-plugins: left {where} as it is: changed by someone else"
-        )
+        warnings.warn(f"mlx-arch-plugins: left {where} as it is: changed by someone else")
     _done.clear()

@@ -137,9 +137,7 @@ def undo(group: Optional[str] = None, owner: Any = None) -> List[str]:
     those it could not undo because the attribute had been changed since (they are left
     as they are)."""
     group = group or _caller_of_undo()
-    mine = [
-        p for p in _applied if p.group == group and (owner is None or p.owner is owner)
-    ]
+    mine = [p for p in _applied if p.group == group and (owner is None or p.owner is owner)]
     skipped = []
     for patch in reversed(mine):
         _applied.remove(patch)

@@ -166,9 +166,7 @@ def read_header(path) -> Tuple[List[TensorInfo], Dict[str, str]]:
             or len(offs) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
         ):
-            _fail(
-                path, f"data_offsets must be [begin, end] integers, got {offs!r}", name
-            )
+            _fail(path, f"data_offsets must be [begin, end] integers, got {offs!r}", name)
         b, e = offs
         numel = 1
         for d in shape:
@@ -196,9 +194,7 @@ def read_header(path) -> Tuple[List[TensorInfo], Dict[str, str]]:
                 f"{n}-byte header; file is {size} bytes): truncated shard?",
                 name,
             )
-        infos.append(
-            TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e)
-        )
+        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e))
 
     by_start = sorted((t for t in infos if t.end > t.begin), key=lambda t: t.begin)
     for prev, cur in zip(by_start, by_start[1:]):
@@ -268,9 +264,7 @@ def _copy_tensor(path, info: TensorInfo, mm):
             f"(reader handles {', '.join(sorted(DECODABLE))})",
             info.name,
         )
-    dst = mx.zeros(
-        _storage_shape(path, info), dtype=getattr(mx, _RAW_STORAGE[info.dtype])
-    )
+    dst = mx.zeros(_storage_shape(path, info), dtype=getattr(mx, _RAW_STORAGE[info.dtype]))
     mx.eval(dst)
     n = info.end - info.begin
     if n:
@@ -280,9 +274,7 @@ def _copy_tensor(path, info: TensorInfo, mm):
         page = mmap.PAGESIZE
         for off in range(0, n, _CHUNK):
             c = min(_CHUNK, n - off)
-            out[off : off + c] = np.frombuffer(
-                mm, dtype=np.uint8, count=c, offset=info.begin + off
-            )
+            out[off : off + c] = np.frombuffer(mm, dtype=np.uint8, count=c, offset=info.begin + off)
             if hasattr(mmap, "MADV_DONTNEED"):
                 lo = ((info.begin + off) // page) * page
                 try:
@@ -361,17 +353,11 @@ def _notify(file) -> None:
 def _make_load(original):
     def load(file, /, format=None, return_metadata=False, **kwargs):
         if not _is_safetensors_path(file, format):
-            out = original(
-                file, format=format, return_metadata=return_metadata, **kwargs
-            )
+            out = original(file, format=format, return_metadata=return_metadata, **kwargs)
         else:
-            read_header(
-                file
-            )  # clear errors for broken files, before mlx allocates anything
+            read_header(file)  # clear errors for broken files, before mlx allocates anything
             try:
-                out = original(
-                    file, format=format, return_metadata=return_metadata, **kwargs
-                )
+                out = original(file, format=format, return_metadata=return_metadata, **kwargs)
             except RuntimeError as e:
                 if _unsupported_dtype(e) is None:
                     raise

@@ -93,10 +93,7 @@ def _wrap(original, module):
             return original(model_path, tokenizer_config_extra, *args, **kwargs)
 
         extra = dict(tokenizer_config_extra or {})
-        file_config = (
-            tokenizer_fallback.read_json(Path(model_path) / "tokenizer_config.json")
-            or {}
-        )
+        file_config = tokenizer_fallback.read_json(Path(model_path) / "tokenizer_config.json") or {}
         user_template = "chat_template" in extra or "chat_template_type" in extra
         for key in ("chat_template_type", "tool_parser_type"):
             chosen = user_template if key == "chat_template_type" else key in extra
@@ -129,9 +126,7 @@ def follow(utils, module) -> None:
     the patch: make it follow the patch, and its undo."""
     wrapped = module.load
     if patching.is_patched(module, "load"):
-        patching.rebind(
-            utils, "_load_tokenizer", patching.original(wrapped), wrapped, __name__
-        )
+        patching.rebind(utils, "_load_tokenizer", patching.original(wrapped), wrapped, __name__)
 
 
 def undo(module=None) -> None:

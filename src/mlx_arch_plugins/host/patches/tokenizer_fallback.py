@@ -56,9 +56,7 @@ def _token_text(value: Any) -> Optional[str]:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(
-        f"special token must be a string or an AddedToken dict, got {value!r}"
-    )
+    raise ValueError(f"special token must be a string or an AddedToken dict, got {value!r}")
 
 
 def eos_token_ids(model_path: Union[str, Path]) -> Optional[List[int]]:
@@ -90,24 +88,18 @@ def load_tokenizer(model_path: Union[str, Path], **extra: Any):
     model_path = Path(model_path)
     tokenizer_file = model_path / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise FileNotFoundError(
-            f"{tokenizer_file}: missing; the fallback tokenizer needs it"
-        )
+        raise FileNotFoundError(f"{tokenizer_file}: missing; the fallback tokenizer needs it")
     try:
         backend = Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:
-        raise ValueError(
-            f"{tokenizer_file}: the tokenizers library cannot load it ({e})"
-        ) from e
+        raise ValueError(f"{tokenizer_file}: the tokenizers library cannot load it ({e})") from e
 
     config = read_json(model_path / "tokenizer_config.json") or {}
     kwargs: Dict[str, Any] = {k: v for k, v in config.items() if k not in _DROP_KEYS}
     for key in _SPECIAL_KEYS:
         if key in kwargs:
             kwargs[key] = _token_text(kwargs[key])
-    extra = {
-        k: v for k, v in extra.items() if k not in ("trust_remote_code", "revision")
-    }
+    extra = {k: v for k, v in extra.items() if k not in ("trust_remote_code", "revision")}
     kwargs.update(extra)
 
     # No tokenizer_config.json (or no BOS/EOS in it): name them from the ids in

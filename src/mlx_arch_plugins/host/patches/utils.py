@@ -68,9 +68,7 @@ def _make_load_model(original):
             else:
                 model, config = original(*bound.args, **bound.kwargs)
         except CheckpointError as e:
-            raise e.in_file(
-                file_of(path, e.tensor) or f"the checkpoint in {path}"
-            ) from None
+            raise e.in_file(file_of(path, e.tensor) or f"the checkpoint in {path}") from None
         _after_load(model)
         return model, config
 
