@@ -7,8 +7,7 @@ Both are idempotent.
 **Tool-call text.** Stock hands each tool block's text to the parser; on a parse
 error 0.32 logs a warning and drops the block (the text is lost, and
 ``finish_reason`` still says ``"tool_calls"``), and 0.31 lets the exception end
-the request. For parsers of this package that set ``keep_unparsed_as_content``
-(the DeepSeek-V4 DSML parser):
+the request. For plugin tool parsers that set ``keep_unparsed_as_content``:
 
 * ``ToolCallFormatter.__call__`` parses block by block; a block that fails is
   turned back into its text (``parser.unparsed_text(block)``, i.e. with its
