@@ -674,8 +674,12 @@ class PackedDecodeState:
                 c._comp = self.comp[b : b + 1]
                 if self.index is not None:
                     c._index = self.index[b : b + 1]
-            # the steps of this state stay undoable (rebuilt only if trimmed)
-            c._undo = [_PackedUndo(self, s, b) for s in self._undo]
+            # no undo history: its records would keep the whole batch's window and
+            # ring snapshots alive (a server keeps extracted caches as prompt caches,
+            # whose byte accounting does not see them); such a cache trims nothing,
+            # like one loaded from a file, and prompt-cache reuse then falls back to
+            # a shorter cached prefix
+            c._undo = []
             out.append(c)
         return out
 
@@ -703,17 +707,3 @@ class PackedDecodeState:
         slots = mx.array([p % R for p in range(keep, T)])
         kv, sc = ring
         return kv[b : b + 1, slots], sc[b : b + 1, slots]
-
-
-class _PackedUndo(_Undo):
-    """Undo record of one packed decode step, for one sequence: its fields
-    are cut out of the packed snapshot only when a trim needs them."""
-
-    __slots__ = ("state", "snap", "b")
-
-    def __init__(self, state: PackedDecodeState, snap: tuple, b: int):
-        super().__init__(snap[0][b], 1, None)
-        self.state, self.snap, self.b = state, snap, b
-
-    def fields(self) -> dict:
-        return self.state._fields(self.b, self.snap)
