@@ -343,3 +343,33 @@ def test_never_accepted_drafts_turn_drafting_off_with_identical_output(monkeypat
     assert got == want
     after_probe = ks[16:]  # the first two windows measure k=3 and k=0
     assert after_probe.count(0) >= 0.7 * len(after_probe)
+
+
+# -- every make-tiny checkpoint format ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_formats(tmp_path_factory):
+    from mlx_lm.utils import load_model
+
+    from mlx_arch_plugins.deepseek_v4 import tiny
+
+    cfg = tiny.resolve_config()
+    # every layer kind (the MTP block's ratio last), a small vocabulary
+    cfg.update(vocab_size=512, compress_ratios=[4, 128, 0, 4], index_topk=8)
+    models = {}
+    for fmt in tiny.FORMATS:
+        path = tiny.make_tiny(tmp_path_factory.mktemp(fmt) / "ckpt", fmt=fmt, seed=3, cfg=cfg)
+        models[fmt], _ = load_model(path)
+    return models
+
+
+@pytest.mark.parametrize("fmt", ["official", "bf16", "mlx-affine4", "mxfp4"])
+def test_greedy_identical_every_tiny_format(tiny_formats, fmt):
+    """A 131-token prompt (inside a ratio-4 block, past the ratio-128 block end),
+    24 greedy tokens: drafting changes no token in any checkpoint format."""
+    model = tiny_formats[fmt]
+    prompt = mx.random.randint(0, 512, (131,), key=mx.random.key(17)).tolist()
+    want = _plain(model, prompt, 24)
+    got, _ = _mtp(model, prompt, 24, 2, prefill_step_size=64)
+    assert got == want
