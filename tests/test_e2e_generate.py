@@ -215,3 +215,24 @@ def test_generate_in_a_worker_thread(ckpt, tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["errors"] == []
     assert out["single"] and len(out["batch"]) == 2
+
+
+@pytest.mark.parametrize("k", ["1", "3"])
+def test_generate_with_mtp_drafting_gives_the_same_text(ckpt, plain_run, k):
+    """`--draft-model mtp` (the checkpoint's own MTP block, no second load): the same
+    greedy text as plain decoding, through stock mlx-lm's command line."""
+    r = es.run_mlx_lm(
+        "generate",
+        "--model",
+        ckpt,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        N_TOKENS,
+        "--draft-model",
+        "mtp",
+        "--num-draft-tokens",
+        k,
+    )
+    assert es.generated_text(r.stdout) == es.generated_text(plain_run.stdout)
+    assert es.generate_stats(r.stdout) == es.generate_stats(plain_run.stdout)
