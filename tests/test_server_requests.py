@@ -321,3 +321,13 @@ def test_template_accepts_well_formed_tools_and_calls():
         tools=[TOOL],
     )
     assert '"name": "get_weather"' in prompt and '<｜DSML｜invoke name="get_weather">' in prompt
+
+
+def test_tools_of_another_type_are_left_to_the_template():
+    from mlx_arch_plugins.host.patches.server_requests import check_body
+
+    messages = [{"role": "user", "content": "hi"}]
+    # not a function tool: stock passes it to the chat template, and so do we
+    check_body({"messages": messages, "tools": [{"type": "custom", "name": "x"}]}, chat=True)
+    with pytest.raises(ValueError, match=r"tools\[0\]\.function"):
+        check_body({"messages": messages, "tools": [{"type": "function"}]}, chat=True)

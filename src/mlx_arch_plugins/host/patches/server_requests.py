@@ -180,7 +180,7 @@ def _check_tools(tools: Any) -> None:
         if not isinstance(tool, dict):
             raise _fail(at, 'an object like {"type": "function", "function": {...}}', tool)
         if tool.get("type", "function") != "function":
-            raise _fail(f"{at}.type", '"function"', tool.get("type"))
+            continue  # another kind of tool: the chat template decides (stock passes it on)
         fn = tool.get("function")
         if not isinstance(fn, dict):
             raise _fail(f"{at}.function", "an object with a name", fn)
