@@ -274,3 +274,18 @@ def test_prompt_cache_beyond_the_bound_falls_back_to_a_shorter_prefix():
     got, rest = lru.fetch_nearest_cache("m", TOKENS[:20] + OTHER[:5])
     assert got is not None and got[0].offset == 10
     assert rest == TOKENS[10:20] + OTHER[:5]
+
+
+def test_prompt_cache_keeps_a_shared_prefix_for_the_next_request():
+    # a system prompt cached, then one user's longer prompt: the shared prefix stays
+    # cached (the longer cache cannot be trimmed back to it beyond the bound)
+    from mlx_lm.models import cache as cache_module
+
+    lru = cache_module.LRUPromptCache()
+    shared, longer = make_prompt_cache(MODEL), make_prompt_cache(MODEL)
+    _feed(shared, TOKENS[:10], [])
+    _feed(longer, TOKENS[:60], [])
+    lru.insert_cache("m", TOKENS[:10], shared)
+    lru.insert_cache("m", TOKENS[:60], longer)
+    got, rest = lru.fetch_nearest_cache("m", TOKENS[:10] + OTHER[:30])
+    assert got is not None and got[0].offset == 10 and rest == OTHER[:30]
