@@ -213,7 +213,7 @@ def _batch(hists):
 def test_packed_batch_trim_per_sequence():
     """Packed decode steps of sequences at different positions, undo the
     last n steps of each (stock batch-cache semantics), continue; each row
-    equals its own run; extracted caches trim nothing."""
+    equals its own run; extracted caches can still undo."""
     hists = [TOKENS[:5], TOKENS[10:137], TOKENS[:126]]
     batch = _batch(hists)
     steps = [[OTHER[3 * i + b] for b in range(3)] for i in range(6)]
@@ -229,12 +229,14 @@ def test_packed_batch_trim_per_sequence():
         _feed(ref, seq, [])
         want = _feed(ref, [s[b] for s in after], [1, 1, 1])
         np.testing.assert_allclose(np.stack([g[b] for g in got]), want, atol=2e-4, rtol=0)
-    # a cache taken out of the packed batch has no undo history (it would keep the
-    # batch's snapshots alive), so it refuses a trim instead of undoing wrongly
+    # a cache taken out of the packed batch keeps copies of its own last steps (not
+    # the batch's snapshots): still undoable
     single = [c.extract(1) for c in batch]
-    assert single[0].max_trim() == 0
-    with pytest.raises(ValueError):
-        trim_prompt_cache(single, 1)
+    assert single[0].max_trim() == 3 + 2
+    trim_prompt_cache(single, 5)
+    ref = make_prompt_cache(MODEL)
+    _feed(ref, hists[1], [])
+    assert_same_cache(single, ref)
     with pytest.raises(ValueError):
         trim_prompt_cache(batch, TRIM_BOUND + 1)
 

@@ -63,6 +63,10 @@ def pending_start(end: int, ratio: int) -> int:
     return last * ratio
 
 
+# Steps a cache taken out of a packed batch can still undo (see _own_undo).
+EXTRACTED_UNDO = 8
+
+
 class _Undo:
     """What one call of a layer on ``L`` tokens at position ``T`` replaced.
 
@@ -674,14 +678,25 @@ class PackedDecodeState:
                 c._comp = self.comp[b : b + 1]
                 if self.index is not None:
                     c._index = self.index[b : b + 1]
-            # no undo history: its records would keep the whole batch's window and
-            # ring snapshots alive (a server keeps extracted caches as prompt caches,
-            # whose byte accounting does not see them); such a cache trims nothing,
-            # like one loaded from a file, and prompt-cache reuse then falls back to
-            # a shorter cached prefix
-            c._undo = []
+            c._undo = self._own_undo(b)
             out.append(c)
         return out
+
+    def _own_undo(self, b: int) -> list:
+        """Undo records of sequence ``b``'s last ``EXTRACTED_UNDO`` steps, as copies of
+        its own rows: records pointing into the packed snapshots would keep the whole
+        batch's windows and rings alive behind a cache the server keeps as a prompt
+        cache (whose byte count does not see them). Enough for the server to trim a
+        cached conversation back to where the next turn's prompt differs."""
+        records = []
+        for snap in self._undo[-EXTRACTED_UNDO:]:
+            fields = {
+                f: mx.contiguous(v) if isinstance(v, mx.array) else v
+                for f, v in self._fields(b, snap).items()
+            }
+            mx.eval([v for v in fields.values() if isinstance(v, mx.array)])
+            records.append(_Undo(snap[0][b], 1, fields))
+        return records
 
     def _fields(self, b: int, snap: tuple) -> dict:
         """Sequence ``b``'s ``_UNDO_FIELDS`` in snapshot ``snap``."""
