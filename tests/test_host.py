@@ -449,6 +449,38 @@ def test_install_calls_back_for_modules_imported_before_it():
     assert calls == before  # each once, in PATCHED's order
 
 
+# A second copy of the hook (as when a source tree on sys.path is imported beside the
+# installed package) loaded under another name; its finders carry the same mark.
+SECOND_COPY = (
+    "import importlib.util, sys, json\n"
+    "from mlx_arch_plugins.host import hook as first\n"
+    "spec = importlib.util.spec_from_file_location('second_hook', first.__file__)\n"
+    "second = importlib.util.module_from_spec(spec); spec.loader.exec_module(second)\n"
+)
+
+
+def test_two_copies_of_the_post_import_finder_do_not_ask_each_other():
+    out = run_json(
+        SECOND_COPY + "first.install()\n"
+        "sys.meta_path.insert(0, second.post_import_finder)  # both copies' finders in place\n"
+        "import mlx_lm.models.cache  # recursed without end before the fix\n"
+        "print(json.dumps(type(mlx_lm.models.cache.__loader__).__name__))"
+    )
+    assert out == "SourceFileLoader"
+
+
+def test_the_copy_that_installs_last_serves_alone():
+    before, after = run_json(
+        SECOND_COPY + "first.install()\nbefore = [type(f).__module__ for f in sys.meta_path "
+        "if hasattr(f, 'mlx_arch_plugins_finder')]\n"
+        "second.install()\nafter = [type(f).__module__ for f in sys.meta_path "
+        "if hasattr(f, 'mlx_arch_plugins_finder')]\n"
+        "import mlx_lm.models.cache\nprint(json.dumps([before, after]))"
+    )
+    assert before == ["mlx_arch_plugins.host.hook"] * 2
+    assert after == ["second_hook"] * 2
+
+
 def test_failing_patch_warns_and_import_still_works():
     proc = run(
         FAKE_PATCHES + "import mlx_lm.generate\nprint(json.dumps(len(calls)))", args=["--fail"]

@@ -122,8 +122,15 @@ class _AliasLoader:
         _aliases.add(self.alias)
 
 
+# Set on both finders: another copy of this package in the same interpreter (an
+# installed one and a source tree on sys.path) recognises them by it.
+FINDER_MARK = "mlx_arch_plugins_finder"
+
+
 class PluginFinder:
     """Serves mlx_lm.{models,chat_templates,tool_parsers}.<name> from entry points."""
+
+    mlx_arch_plugins_finder = "plugin"
 
     def find_spec(self, fullname, path=None, target=None):
         parent, _, name = fullname.rpartition(".")
@@ -182,12 +189,15 @@ class _CallbackLoader:
 class PostImportFinder:
     """Wraps the loader of the stock modules in PATCHED; ignores every other import."""
 
+    mlx_arch_plugins_finder = "post_import"
+
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in _PATCHED_SET:
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
+            # any copy's post-import finder would ask this one again: endless recursion
+            if getattr(finder, FINDER_MARK, None) == "post_import" or find is None:
                 continue
             spec = find(fullname, path, target)
             if spec is not None:
@@ -232,6 +242,7 @@ def install(_by="install()"):
     global _installed_by
     if disabled_reason():
         return False
+    _drop_other_copies()
     if post_import_finder not in sys.meta_path:
         sys.meta_path.insert(0, post_import_finder)
     if plugin_finder not in sys.meta_path:
@@ -243,6 +254,15 @@ def install(_by="install()"):
         if module is not None and name not in _notified:
             _notify(name, module)
     return True
+
+
+def _drop_other_copies():
+    """Remove the finders another copy of this package installed (the copy whose
+    ``install`` runs last serves the imports, so they run one copy's code)."""
+    ours = (post_import_finder, plugin_finder)
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if f in ours or getattr(f, FINDER_MARK, None) is None
+    ]
 
 
 def uninstall():
