@@ -212,7 +212,7 @@ def generate_run(model, prompt, tokens, prefill_step=2048):
 
     t0 = time.perf_counter()
     times = []
-    for n, _ in zip(range(tokens), generate_step(prompt, model, prefill_step_size=prefill_step)):
+    for _ in zip(range(tokens), generate_step(prompt, model, prefill_step_size=prefill_step)):
         times.append(time.perf_counter())
     first = times[0] - t0
     per = (times[-1] - times[0]) * 1e3 / max(1, len(times) - 1)
@@ -310,32 +310,25 @@ def phase_server(model, args, o):
 
 
 def phase_spec(model, args, o):
-    """MTP drafting as users get it (adaptive switch on) next to plain decode, at
-    the natural acceptance of random weights; then the verify costs."""
+    """MTP drafting as users get it (``mtp_generate_step``, adaptive switch on) next
+    to plain decode: at the natural acceptance of random weights (about none), and
+    with drafts replaced by the plain run's own next tokens, each kept right with
+    probability --spec-rates (the MTP block still runs: its cost stays). Output
+    must equal the plain greedy run. Then the parts: draft step, verify steps."""
     from mlx_arch_plugins.deepseek_v4 import speculative as spec
 
     prompt = prompt_ids(o.decode_prompt, args.vocab_size, seed=PROMPT_SEED + 7)
     draft = spec.MTPDraft(model)
-    _, plain = generate_run(model, prompt, o.decode_tokens)
-    for k in o.spec_ks:
-        for attempt in range(2):  # the first one warms
-            stamps, got = [], []
-            steps = spec.mtp_generate_step(
-                prompt, model, draft, num_draft_tokens=k, max_tokens=o.decode_tokens
-            )
-            for g in steps:
-                stamps.append(time.perf_counter())
-                got.append(g)
-        per = (stamps[-1] - stamps[0]) * 1e3 / max(1, len(stamps) - 1)
-        emit(
-            "spec_mtp",
-            k=k,
-            tokens=len(got),
-            accepted=sum(1 for g in got if g[2]),
-            ms_per_token=per,
-            plain_ms_per_token=plain,
-            ratio_to_plain=plain / per,
-        )
+    want, plain = greedy_run(model, prompt, o.spec_tokens)
+    real_draft = spec._draft
+    for rate in [None] + o.spec_rates:
+        for k in o.spec_ks:
+            if rate is not None:
+                spec._draft = _oracle_draft(real_draft, want, rate)
+            try:
+                spec_one(model, prompt, draft, k, rate, want, plain, o)
+            finally:
+                spec._draft = real_draft
     cache, mtp = model.make_cache(), draft.make_cache()[0]
     hs = model.model.hidden(prompt[None], cache)
     model.mtp_logits(hs[:, :-1], prompt[None, 1:], mtp)
@@ -357,6 +350,68 @@ def phase_spec(model, args, o):
                 c.trim(k + 1)
 
         emit("verify", k=k, tokens=k + 1, ms=1e3 * _median_time(verify, 5))
+
+
+def greedy_run(model, prompt, n):
+    """Stock generate_step's greedy tokens and its ms per token after the first."""
+    from mlx_lm.generate import generate_step
+
+    generate_run(model, prompt, 8)  # warm
+    stamps, toks = [], []
+    for _, (tok, _logprobs) in zip(range(n), generate_step(prompt, model)):
+        stamps.append(time.perf_counter())
+        toks.append(int(tok))
+    return toks, (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1)
+
+
+def _oracle_draft(real, want, rate, seed=0):
+    """A ``speculative._draft`` whose tokens are the plain run's next ones, each
+    right with probability ``rate`` up to the first wrong one."""
+    import random
+
+    rng = random.Random(seed)
+
+    def draft(model, mtp, pending_h, pending_t, k, *rest):
+        out = real(model, mtp, pending_h, pending_t, k, *rest)
+        pos = draft.emitted
+        toks = list(want[pos : pos + k]) + [0] * k
+        right = 0
+        while right < k and rng.random() < rate:
+            right += 1
+        picked = toks[:right] + [t + 1 for t in toks[right:k]]
+        return picked, out[1], out[2]
+
+    draft.emitted = 0
+    return draft
+
+
+def spec_one(model, prompt, draft, k, rate, want, plain, o):
+    """One drafting run (after one that warms), as a JSON line."""
+    from mlx_arch_plugins.deepseek_v4 import speculative as spec
+
+    for _ in range(2):
+        stamps, got = [], []
+        if hasattr(spec._draft, "emitted"):
+            spec._draft.emitted = 0
+        for g in spec.mtp_generate_step(
+            prompt, model, draft, num_draft_tokens=k, max_tokens=o.spec_tokens
+        ):
+            stamps.append(time.perf_counter())
+            got.append(g)
+            if hasattr(spec._draft, "emitted"):
+                spec._draft.emitted = len(got)
+    per = (stamps[-1] - stamps[0]) * 1e3 / max(1, len(stamps) - 1)
+    emit(
+        "spec_mtp",
+        k=k,
+        rate="natural" if rate is None else rate,
+        tokens=len(got),
+        accepted=sum(1 for g in got if g[2]),
+        same_tokens_as_plain=[int(g[0]) for g in got] == want[: len(got)],
+        ms_per_token=per,
+        plain_ms_per_token=plain,
+        speedup=plain / per,
+    )
 
 
 def _median_time(fn, runs):
@@ -497,12 +552,15 @@ def parse(argv):
     p.add_argument("--server-words", type=int, default=48)
     p.add_argument("--server-tokens", type=int, default=32)
     p.add_argument("--spec-ks", default="2")
+    p.add_argument("--spec-rates", default="0.8,0.6,0.0", help="oracle acceptance rates")
+    p.add_argument("--spec-tokens", type=int, default=128)
     p.add_argument("--logits-out")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip phases after this")
     o = p.parse_args(argv)
     o.phases = [s for s in o.phases.split(",") if s]
     o.prefills = [int(s) for s in o.prefills.split(",") if s]
     o.spec_ks = [int(s) for s in o.spec_ks.split(",") if s]
+    o.spec_rates = [float(s) for s in o.spec_rates.split(",") if s]
     start = time.perf_counter()
     o.budget_left = lambda: o.budget_s - (time.perf_counter() - start)
     return o

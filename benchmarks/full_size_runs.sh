@@ -24,20 +24,26 @@ launch() {  # launch N ARGS...: mlx.launch over NCCL, one process per GPU
 
 case "${1:-}" in
 one)
-  (timeout 400 mlx-arch-plugins doctor --selftest >"$out/selftest.txt" 2>&1; echo "rc=$?" >>"$out/selftest.txt") &
+  if [ "${SELFTEST:-1}" = 1 ]; then
+    (timeout 400 mlx-arch-plugins doctor --selftest >"$out/selftest.txt" 2>&1; echo "rc=$?" >>"$out/selftest.txt") &
+  fi
   CUDA_VISIBLE_DEVICES=0 "$py" "$bench" single $extra --format affine2 --decode-tokens 48 \
-    --phases decode,server,spec,prefill --budget-s "${BUDGET:-480}" 2>&1 | quiet | tee "$out/single_affine2.txt"
+    --phases "${PHASES:-decode,server,spec,prefill}" --budget-s "${BUDGET:-480}" 2>&1 | quiet | tee "$out/single_affine2.txt"
   wait
-  cat "$out/selftest.txt"
+  [ "${SELFTEST:-1}" = 1 ] && cat "$out/selftest.txt"
   ;;
 two)
   nccl=$("$py" -c 'import nvidia.nccl as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null)
   export LD_LIBRARY_PATH="${nccl:+$nccl:}${LD_LIBRARY_PATH:-}"
   "$py" -c 'import mlx.core as mx; print("nccl available:", mx.distributed.is_available("nccl"))'
   small=${SMALL_LAYERS:-4}
-  CUDA_VISIBLE_DEVICES=0 "$py" "$bench" logits $extra --format official --layers "$small" \
-    --logits-out "$out/ref.npy" 2>&1 | tee "$out/dist.txt"
-  for mode in tp pp; do
+  if [ -n "${REF:-}" ]; then  # the single-process logits of an earlier run of the same build
+    cp "$REF" "$out/ref.npy"
+  else
+    CUDA_VISIBLE_DEVICES=0 "$py" "$bench" logits $extra --format official --layers "$small" \
+      --logits-out "$out/ref.npy" 2>&1 | tee "$out/dist.txt"
+  fi
+  for mode in ${SMALL_MODES:-tp pp}; do
     launch 2 dist --format official --mode "$mode" --prefills "" --decode-runs 1 \
       --logits-out "$out/$mode.npy" --layers "$small" 2>&1 | quiet | tee -a "$out/dist.txt"
     "$py" "$bench" compare "$out/ref.npy" "$out/$mode.npy" 2>&1 | tee -a "$out/dist.txt"

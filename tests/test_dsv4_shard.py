@@ -113,6 +113,9 @@ def _golden_jobs():
         # (pipelined runs are checked bit-for-bit against one process)
         jobs.append(dict(kind="golden", name=f"{case}-noqat-tensor", case=case,
                          fmt="bf16", mode="tensor", qat=False))  # fmt: skip
+        # the stages' hand-over MLX's CUDA backend gets (it has no send / receive)
+        jobs.append(dict(kind="golden", name=f"{case}-bf16-pipeline-allreduce", case=case,
+                         fmt="bf16", mode="pipeline", transport="allreduce"))  # fmt: skip
     return jobs
 
 
@@ -155,7 +158,10 @@ def two(tmp_path_factory, tiny):
 @pytest.fixture(scope="module")
 def four(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("dsv4_shard4")
-    proc = _launch(4, out, _gen_jobs({"tiny4": tiny["tiny4"]}, MODES))
+    jobs = _gen_jobs({"tiny4": tiny["tiny4"]}, MODES)
+    # stock generate through the stages' all-reduce hand-over (MLX on CUDA)
+    jobs.append(dict(jobs[-1], name="gen-tiny4-pipeline-allreduce", transport="allreduce"))
+    proc = _launch(4, out, jobs)
     if proc.returncode:
         pytest.fail(f"mlx.launch -n 4 failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return out
@@ -222,6 +228,34 @@ def test_sharded_golden_matches_reference_and_single_process(two, case, mode, fm
 
 @pytest.mark.compat
 @pytest.mark.parametrize("case", CASES)
+def test_pipeline_by_allreduce_is_bit_identical_to_one_process(two, case):
+    """The hand-over through all-sums (MLX on CUDA has no send / receive) adds only
+    zeros: every rank ends with exactly the single-process logits."""
+    pre, dec, _ = _single(case, "bf16")
+    for d in _results(two, f"{case}-bf16-pipeline-allreduce", 2):
+        np.testing.assert_array_equal(d["prefill"], pre)
+        np.testing.assert_array_equal(d["decode"], dec)
+
+
+def test_pipeline_transport_choice(monkeypatch):
+    import mlx.core as mx
+
+    from mlx_arch_plugins.deepseek_v4 import shard
+
+    monkeypatch.delenv(shard.TRANSPORT_ENV, raising=False)
+    assert shard.pipeline_transport() == "p2p"  # the CPU backend here has send / receive
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert shard.pipeline_transport() == "allreduce"  # MLX's CUDA backend has none
+    monkeypatch.setenv(shard.TRANSPORT_ENV, "p2p")
+    assert shard.pipeline_transport() == "p2p"
+    monkeypatch.setenv(shard.TRANSPORT_ENV, "nccl")
+    with pytest.raises(ValueError, match="MLX_ARCH_PLUGINS_PIPELINE_TRANSPORT='nccl'"):
+        shard.pipeline_transport()
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("case", CASES)
 def test_tensor_sharded_without_qat_rounding_matches_noqat_targets(two, case):
     # Without the FP8/FP4 rounding the model is smooth: the single-process
     # test holds it to 1e-3 of the reference; so does the sharded run.
@@ -260,7 +294,7 @@ def _check_generate(out, key, path, modes, n):
         ranks = _results(out, f"gen-{key}-{mode}", n)
         for r, d in enumerate(ranks):
             got = d["logits"]
-            if mode == "pipeline":
+            if mode.startswith("pipeline"):
                 np.testing.assert_array_equal(got, logits, err_msg=f"rank {r}")
             else:  # the golden checks, with one process as the target
                 _assert_checks(got, logits, 0, f"{mode} rank {r}")
@@ -280,6 +314,7 @@ def test_sharded_generate_four_processes_official(four, tiny):
     ``sharded_load`` reads). Not on mlx-lm 0.31: its pipelined
     ``sharded_load`` takes only checkpoints named like the model."""
     _check_generate(four, "tiny4", tiny["tiny4"], MODES, 4)
+    _check_generate(four, "tiny4", tiny["tiny4"], ["pipeline-allreduce"], 4)
     got = [int(d["n_layers"]) for d in _results(four, "gen-tiny4-pipeline", 4)]
     assert got == [1, 1, 1, 1]
 

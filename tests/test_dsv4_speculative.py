@@ -326,23 +326,51 @@ def test_never_accepted_drafts_turn_drafting_off_with_identical_output(monkeypat
     fake, _ = _oracle(monkeypatch, want, wrong=True)
     clock = [0.0]
     ks = []
+    forward = spec._main_forward
 
-    def timed(*args):  # drafting k costs (1 + k/2) steps of a fake clock
-        ks.append(args[4])
-        clock[0] += 1 + args[4] / 2
-        return fake(*args)
+    def timed(model, y, cache):  # verifying k drafts costs (1 + k/2) steps of a fake clock
+        k = y.shape[1] - 1
+        ks.append(k)
+        clock[0] += 1 + k / 2
+        return forward(model, y, cache)
 
-    monkeypatch.setattr(spec, "_draft", timed)
+    monkeypatch.setattr(spec, "_main_forward", timed)
     monkeypatch.setattr(spec.time, "perf_counter", lambda: clock[0])
+    cache = TINY.make_cache() + MTPDraft(TINY).make_cache()
     got = []
     for t, _, _ in mtp_generate_step(
-        mx.array(prompt), TINY, MTPDraft(TINY), num_draft_tokens=3, max_tokens=60
+        mx.array(prompt),
+        TINY,
+        MTPDraft(TINY),
+        num_draft_tokens=3,
+        max_tokens=60,
+        prompt_cache=cache,
     ):
         got.append(int(t))
         fake.emitted = len(got)
     assert got == want
     after_probe = ks[16:]  # the first two windows measure k=3 and k=0
     assert after_probe.count(0) >= 0.7 * len(after_probe)
+    # the positions the MTP block skipped while not drafting were fed to it later
+    assert cache[-1].offset == cache[0].offset
+
+
+def test_deferred_mtp_pairs_in_one_pass_match_one_by_one():
+    """While not drafting, the MTP block catches up later in one pass: its next
+    prediction equals that after feeding the same pairs one position at a time."""
+    ids = mx.random.randint(0, VOCAB, (1, 14), key=mx.random.key(4))
+    h = TINY.model.hidden(ids, TINY.make_cache())
+    pairs = [(h[:, i : i + 1], [int(ids[0, i + 1])]) for i in range(12)]
+    one_by_one, in_one_pass = MTPDraft(TINY).make_cache()[0], MTPDraft(TINY).make_cache()[0]
+    for p in pairs:
+        spec._feed_mtp(TINY, one_by_one, [p])
+    batch = list(pairs)
+    spec._feed_mtp(TINY, in_one_pass, batch)
+    assert batch == [] and one_by_one.offset == in_one_pass.offset == 12
+    nxt = h[:, 12:13], ids[:, 13:14]
+    a = TINY.mtp_logits(*nxt, one_by_one)
+    b = TINY.mtp_logits(*nxt, in_one_pass)
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
 
 
 # -- every make-tiny checkpoint format ------------------------------------------------

@@ -9,8 +9,12 @@ Job kinds (a JSON list on the command line, each a dict):
   (each forward pass evaluated in turn, see run_protocol below).
 * ``generate``: ``mlx_lm.utils.sharded_load`` of a checkpoint directory with
   a tokenizer, then stock ``mlx_lm.generate`` (greedy).
+
+A job's ``transport`` (``p2p`` / ``allreduce``) picks how pipeline stages hand
+the state on (the all-reduce one is what MLX's CUDA backend gets).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -117,6 +121,22 @@ def run_generate(job, group):
     }
 
 
+@contextlib.contextmanager
+def _transport(name):
+    """The job's pipeline transport (deepseek_v4 shard.TRANSPORT_ENV), if it names one."""
+    from mlx_arch_plugins.deepseek_v4.shard import TRANSPORT_ENV
+
+    before = os.environ.get(TRANSPORT_ENV)
+    if name:
+        os.environ[TRANSPORT_ENV] = name
+    try:
+        yield
+    finally:
+        os.environ.pop(TRANSPORT_ENV, None)
+        if before is not None:
+            os.environ[TRANSPORT_ENV] = before
+
+
 def main():
     out_dir = Path(sys.argv[1])
     jobs = json.loads(sys.argv[2])
@@ -125,7 +145,8 @@ def main():
         name = out_dir / f"{job['name']}.rank{group.rank()}.npz"
         try:
             fn = run_golden if job["kind"] == "golden" else run_generate
-            res = fn(job, group)
+            with _transport(job.get("transport")):
+                res = fn(job, group)
         except Exception as e:
             # Record it and stop: the other ranks would wait on this one's
             # collectives; mlx.launch ends them when a rank exits non-zero.
@@ -134,6 +155,10 @@ def main():
             sys.exit(1)
         res["size"] = np.array(group.size())
         np.savez(name, **res)  # every rank writes: the test checks each view
+        # stock generate returns with one step past the last token still in flight;
+        # every rank finishes it before the next job (or exit) so no collective is cut
+        mx.synchronize()
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,18 @@ Pipeline parallel comes from mlx-lm's ``PipelineMixin`` on the inner model;
 with stock pipelined models, evaluate each forward pass before building the
 next (mlx-lm's generate does): a receive has no inputs, so in one lazy graph
 spanning several passes the receives may run out of order.
+
+MLX's CUDA backend (NCCL) has no send / receive ("Recv has no CUDA
+implementation", mlx 0.32.4, seen on two H200s). There the stages hand the
+state on with all-reduces instead (``pipeline_transport``): after each stage
+an all-sum to which only that stage's rank contributes, so every rank holds
+the stage's output exactly (the others add zeros).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from typing import List, Optional
 
 import mlx.core as mx
@@ -179,6 +186,52 @@ def _tie(cache, h):
             c.window = mx.depends(c.window, h)
 
 
+TRANSPORT_ENV = "MLX_ARCH_PLUGINS_PIPELINE_TRANSPORT"
+TRANSPORTS = ("p2p", "allreduce")
+
+
+def pipeline_transport() -> str:
+    """How pipeline stages hand the state on: ``p2p`` (send / receive) or
+    ``allreduce`` (where the backend has no send / receive: MLX on CUDA).
+    ``MLX_ARCH_PLUGINS_PIPELINE_TRANSPORT`` chooses either explicitly."""
+    chosen = os.environ.get(TRANSPORT_ENV, "")
+    if chosen:
+        if chosen not in TRANSPORTS:
+            raise ValueError(f"{TRANSPORT_ENV}={chosen!r}: expected one of {', '.join(TRANSPORTS)}")
+        return chosen
+    try:
+        on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    except Exception:  # an MLX without the cuda module
+        on_cuda = False
+    return "allreduce" if on_cuda else "p2p"
+
+
+def _stage(layers, h, cache, inputs):
+    for layer, c in zip(layers, cache):
+        h = layer(h, c, inputs)
+    return h
+
+
+def _hidden_by_allreduce(model, h, inputs, cache):
+    """Every stage in turn (the last rank holds the first layers), each handing
+    its output to all ranks through an all-sum of it and the others' zeros."""
+    rank = model.pipeline_rank
+    for stage in range(model.pipeline_size - 1, -1, -1):
+        if stage == rank:
+            h = _stage(model.pipeline_layers, h, cache, inputs)
+            h = mx.distributed.all_sum(h)
+        else:
+            # the zeros must wait for the previous hand-over: without the dependency
+            # this all-sum would not follow (or even need) the one before it, and
+            # the ranks' collectives would pair up out of order
+            h = mx.distributed.all_sum(mx.depends(mx.zeros_like(h), h))
+    if cache:
+        # every rank takes part in every all-sum: evaluating its cache (what
+        # mlx-lm does after a prefill chunk) must run the later stages' too
+        _tie(cache[-1], h)
+    return h
+
+
 def pipeline_hidden(model, h, inputs, cache):
     """Run this rank's layers on the [B, L, hc, D] state ``h``: receive it
     from the rank holding the earlier layers, send it on, then give every
@@ -187,10 +240,11 @@ def pipeline_hidden(model, h, inputs, cache):
     layers = model.pipeline_layers
     if cache is None:
         cache = [None] * len(layers)
+    if size > 1 and pipeline_transport() == "allreduce":
+        return _hidden_by_allreduce(model, h, inputs, cache), cache
     if rank < size - 1:
         h = mx.distributed.recv_like(h, rank + 1)
-    for layer, c in zip(layers, cache):
-        h = layer(h, c, inputs)
+    h = _stage(layers, h, cache, inputs)
     if rank != 0:
         h = mx.distributed.send(h, rank - 1)
         if cache:

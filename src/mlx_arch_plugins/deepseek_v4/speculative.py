@@ -22,8 +22,8 @@ state h_t and the token x_{t+1} and predicts x_{t+2}. A decode step:
 Drafting pays only when enough drafts are accepted: a (k+1)-token verify costs more
 than a one-token step (1.45-1.7x on the H200 at 43 layers). ``DraftLength`` times
 the loop itself and drafts only while that yields more tokens per second than single
-steps (which still feed the MTP block, a few percent of a step), trying the other
-choice again now and then; ``MLX_ARCH_PLUGINS_MTP_ADAPT=0`` always drafts k. The
+steps, trying the other choice again now and then (single steps leave the MTP block
+behind; it catches up on those positions in one pass when drafting resumes); ``MLX_ARCH_PLUGINS_MTP_ADAPT=0`` always drafts k. The
 choice never changes the tokens, only how fast they come.
 """
 
@@ -43,6 +43,8 @@ MAX_DRAFT = TRIM_BOUND - 1  # the caches undo at most TRIM_BOUND tokens
 
 
 ADAPT_SWITCH = "MLX_ARCH_PLUGINS_MTP_ADAPT"
+# While not drafting, the MTP block is fed in one pass at most this many positions late.
+MAX_DEFERRED = 64
 
 
 def drafting_enabled() -> bool:
@@ -293,11 +295,21 @@ def mtp_generate_step(
             history = mx.concatenate([history, mx.array(pending_t, mx.uint32)])
         yield pending_t[0], lp[0], False
         length = DraftLength(k_max, os.environ.get(ADAPT_SWITCH, "1") != "0")
+        deferred = []  # (h, tokens) pairs the MTP block has not seen yet
         while ntoks < max_tokens or max_tokens < 0:
             t0 = time.perf_counter()
             left = max_tokens - ntoks if max_tokens >= 0 else k_max + 1
             k = max(0, min(length.next(), left - 1))
-            drafts, q, _g = _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
+            if k:
+                _feed_mtp(model, mtp, deferred)
+                drafts, q, _g = _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
+            else:
+                # not drafting: the MTP block gets these pairs in one pass when
+                # drafting resumes (one multi-token step costs far less than many)
+                deferred.append((pending_h, pending_t))
+                if len(deferred) >= MAX_DEFERRED:
+                    _feed_mtp(model, mtp, deferred)
+                drafts, q = [], None
             y = mx.array([pending_t[-1]] + drafts, mx.uint32)
             logits, hs = _main_forward(model, y[None], main_cache)
             lp = process(logits[0], y)
@@ -322,18 +334,26 @@ def mtp_generate_step(
         # the MTP block catches up with the accepted positions, so a reused
         # prompt cache continues with both caches lined up
         if pending_t:
-            model.mtp_logits(pending_h, mx.array([pending_t], mx.uint32), mtp)
-            mx.eval(mtp.state)
+            deferred.append((pending_h, pending_t))
+        _feed_mtp(model, mtp, deferred)
+
+
+def _feed_mtp(model, mtp, pairs):
+    """Feed the MTP block the real (h, next token) pairs of positions it has not
+    seen, in one forward; empties ``pairs``."""
+    if not pairs:
+        return
+    h = mx.concatenate([p[0] for p in pairs], axis=1) if len(pairs) > 1 else pairs[0][0]
+    ids = mx.array([[t for p in pairs for t in p[1]]], mx.uint32)
+    model.mtp_logits(h, ids, mtp)
+    mx.eval(mtp.state)
+    pairs.clear()
 
 
 def _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick):
     """k draft tokens (and, when sampling with known distributions, the
     draft distributions they were drawn from)."""
     drafts, qs = [], []
-    if k == 0:
-        # nothing to draft: still feed the MTP block its real pairs
-        model.mtp_logits(pending_h, mx.array([pending_t], mx.uint32), mtp)
-        return drafts, None, None
     h, ids = pending_h, mx.array([pending_t], mx.uint32)
     for _ in range(k):
         logits, g = _mtp_forward(model, h, ids, mtp)
