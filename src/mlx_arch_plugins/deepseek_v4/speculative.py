@@ -23,8 +23,9 @@ Drafting pays only when enough drafts are accepted: a (k+1)-token verify costs m
 than a one-token step (1.45-1.7x on the H200 at 43 layers). ``DraftLength`` times
 the loop itself and drafts only while that yields more tokens per second than single
 steps, trying the other choice again now and then (single steps leave the MTP block
-behind; it catches up on those positions in one pass when drafting resumes); ``MLX_ARCH_PLUGINS_MTP_ADAPT=0`` always drafts k. The
-choice never changes the tokens, only how fast they come.
+behind; it catches up on those positions in one pass when drafting resumes);
+``MLX_ARCH_PLUGINS_MTP_ADAPT=0`` always drafts k. The choice never changes the tokens,
+only how fast they come.
 """
 
 from __future__ import annotations
