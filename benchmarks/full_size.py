@@ -137,7 +137,9 @@ def _quantized_modules(model):
 
 def build(fmt, layers, experts=None, seed=0, small=False, group=None, mode=None):
     """The model, every weight made (rank's own part only when ``group``)."""
-    dsv4, _, _ = perf._dsv4()
+    # the copy of the package already imported (main() points it at this tree's src)
+    from mlx_arch_plugins.deepseek_v4 import model as dsv4
+
     args = dsv4.ModelArgs.from_dict(config(layers, experts, small))
     mx.random.seed(seed)
     model = dsv4.Model(args)  # lazy: nothing below is made until evaluated
