@@ -33,6 +33,7 @@ Subcommands (each prints ``JSON {...}`` lines, then nothing else to parse):
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
@@ -208,14 +209,18 @@ def set_portable(model, portable):
     model.__dict__.pop("_tail_memo", None)
 
 
-def generate_run(model, prompt, tokens, prefill_step=2048):
-    """Stock generate_step: seconds to the first token, then ms per later token."""
+def generate_run(model, prompt, tokens, prefill_step=2048, progress=None):
+    """Stock generate_step: seconds to the first token, then ms per later token.
+    With ``progress`` (a label), one line per token as it comes, so a slow
+    first step (kernel compilation) can be told from a stall."""
     from mlx_lm.generate import generate_step
 
     t0 = time.perf_counter()
     times = []
     for _ in zip(range(tokens), generate_step(prompt, model, prefill_step_size=prefill_step)):
         times.append(time.perf_counter())
+        if progress:
+            emit("token", what=progress, index=len(times) - 1, seconds=times[-1] - t0)
     first = times[0] - t0
     per = (times[-1] - times[0]) * 1e3 / max(1, len(times) - 1)
     return first, per
@@ -488,6 +493,9 @@ def run_single(o):
 
 
 def run_dist(o):
+    # a rank that waits too long shows where (a collective that never pairs up
+    # waits in an eval; kernel compilation shows under the step's graph building)
+    faulthandler.dump_traceback_later(o.stack_every_s, repeat=True)
     group = mx.distributed.init()
     t0 = time.perf_counter()
     model, args = build(o.format, o.layers, o.experts, o.seed, o.small, group, o.mode)
@@ -499,7 +507,7 @@ def run_dist(o):
         np.save(o.logits_out, logits)
     emit("logits", mode=o.mode, shape=list(logits.shape), finite=bool(np.isfinite(logits).all()))
     prompt = prompt_ids(o.decode_prompt, args.vocab_size)
-    generate_run(model, prompt, 8)
+    generate_run(model, prompt, 8, progress="warm-up generate_step")
     pers = [generate_run(model, prompt, o.decode_tokens)[1] for _ in range(o.decode_runs)]
     emit("decode_median", mode=o.mode, ms_per_token=float(np.median(pers)), runs=pers)
     for n in o.prefills:
@@ -557,6 +565,7 @@ def parse(argv):
     p.add_argument("--spec-rates", default="0.8,0.6,0.0", help="oracle acceptance rates")
     p.add_argument("--spec-tokens", type=int, default=128)
     p.add_argument("--logits-out")
+    p.add_argument("--stack-every-s", type=float, default=90, help="dist: dump stacks this often")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip phases after this")
     o = p.parse_args(argv)
     o.phases = [s for s in o.phases.split(",") if s]

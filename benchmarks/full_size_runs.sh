@@ -43,12 +43,12 @@ two)
     CUDA_VISIBLE_DEVICES=0 "$py" "$bench" logits $extra --format official --layers "$small" \
       --logits-out "$out/ref.npy" 2>&1 | tee "$out/dist.txt"
   fi
-  for mode in ${SMALL_MODES:-tp pp}; do
+  for mode in ${SMALL_MODES-tp pp}; do
     launch 2 dist --format official --mode "$mode" --prefills "" --decode-runs 1 \
       --logits-out "$out/$mode.npy" --layers "$small" 2>&1 | quiet | tee -a "$out/dist.txt"
     "$py" "$bench" compare "$out/ref.npy" "$out/$mode.npy" 2>&1 | tee -a "$out/dist.txt"
   done
-  for mode in ${FULL_MODES:-tp pp}; do
+  for mode in ${FULL_MODES-tp pp}; do
     launch 2 dist --format official --mode "$mode" --prefills "${PREFILLS:-4096,32768}" \
       2>&1 | quiet | tee -a "$out/dist.txt"
   done

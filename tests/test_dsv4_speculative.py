@@ -355,6 +355,58 @@ def test_never_accepted_drafts_turn_drafting_off_with_identical_output(monkeypat
     assert cache[-1].offset == cache[0].offset
 
 
+def _never_draft(monkeypatch, window=8):
+    """The adaptive choice stuck on single steps, reviewed every ``window`` tokens."""
+    monkeypatch.setattr(spec.DraftLength, "next", lambda self: 0)
+    monkeypatch.setattr(spec.DraftLength, "iterations_left", lambda self: window)
+
+
+def test_pipelined_single_steps_match_stock_with_processors(monkeypatch):
+    """Single steps run pipelined (each built before the previous token is read):
+    the tokens equal stock generate_step's, with a logits processor that reads
+    the history (so each step must see the still-lazy token before it)."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    procs = make_logits_processors(repetition_penalty=3.0, repetition_context_size=20)
+    prompt = mx.random.randint(0, VOCAB, (19,), key=mx.random.key(21))
+    want = [
+        int(t)
+        for (t, _), _ in zip(
+            generate_step(prompt, TINY, max_tokens=30, logits_processors=procs), range(30)
+        )
+    ]
+    plain_greedy = _plain(TINY, prompt.tolist(), 30)
+    assert want != plain_greedy  # the penalty changes the tokens: the test can tell
+    _never_draft(monkeypatch, window=8)
+    got, drafted = _mtp(TINY, prompt.tolist(), 30, 2, logits_processors=procs)
+    assert got == want and not any(drafted)
+
+
+def test_closing_during_single_steps_undoes_the_queued_step(monkeypatch):
+    """A consumer that stops early (e.g. at an end-of-sequence token) while a
+    pipelined step is queued leaves the caches where an unpipelined loop would:
+    the last token not yet fed, the MTP block lined up with the main model."""
+    _never_draft(monkeypatch, window=8)
+    prompt = mx.random.randint(0, VOCAB, (23,), key=mx.random.key(22))
+    cache = TINY.make_cache() + MTPDraft(TINY).make_cache()
+    gen = mtp_generate_step(
+        prompt, TINY, MTPDraft(TINY), num_draft_tokens=2, max_tokens=50, prompt_cache=cache
+    )
+    got = [int(next(gen)[0]) for _ in range(5)]  # inside the first 8-step run
+    gen.close()
+    assert cache[0].offset == 23 + len(got) - 1
+    assert cache[-1].offset == cache[0].offset
+    # and it continues exactly: the rest of the greedy run from that cache
+    rest = [
+        int(t)
+        for (t, _), _ in zip(
+            generate_step(mx.array([got[-1]]), TINY, prompt_cache=cache[:-1], max_tokens=6),
+            range(6),
+        )
+    ]
+    assert got + rest == _plain(TINY, prompt.tolist(), 11)
+
+
 def test_deferred_mtp_pairs_in_one_pass_match_one_by_one():
     """While not drafting, the MTP block catches up later in one pass: its next
     prediction equals that after feeding the same pairs one position at a time."""

@@ -30,6 +30,7 @@ only how fast they come.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -67,6 +68,10 @@ class DraftLength:
 
     def next(self) -> int:
         return self.current if self.adaptive else self.choices[0]
+
+    def iterations_left(self) -> int:
+        """Iterations until the current window's choice is reviewed."""
+        return self.window - self._iters if self.adaptive else 1
 
     def record(self, tokens: int, seconds: float) -> None:
         if not self.adaptive:
@@ -198,6 +203,23 @@ def accept_sampled(p: mx.array, q: mx.array, drafts: list[int], key=None):
 # -- the decode loop --------------------------------------------------------------
 
 
+def _logprobs(logits, toks, history, processors):
+    """Logprobs of the positions of ``logits`` [L, V], whose inputs end with
+    ``toks``; each position's processors see the tokens before it (``history``
+    holds those up to the first position's input)."""
+    if not processors:
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    out, hist = [], history
+    for i in range(logits.shape[0]):
+        if i:
+            hist = mx.concatenate([hist, toks[i - 1 : i]])
+        lg = logits[i : i + 1]
+        for proc in processors:
+            lg = proc(hist, lg)
+        out.append(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
+    return mx.concatenate(out, 0)
+
+
 def _main_forward(model, ids, cache):
     """Logits and final hyper-connection states of the main model."""
     h = model.model.hidden(ids, cache)
@@ -254,21 +276,10 @@ def mtp_generate_step(
     pick = (lambda lp: mx.argmax(lp, axis=-1)) if greedy else sampler
     history = prompt.astype(mx.uint32) if logits_processors else None
 
-    def process(logits, toks):
+    def process(logits, toks, hist=None):
         # logits [L, V] of positions whose inputs end with ``toks``; returns
         # logprobs per position (processors see the tokens before each)
-        nonlocal history
-        if not logits_processors:
-            return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        out, hist = [], history
-        for i in range(logits.shape[0]):
-            if i:
-                hist = mx.concatenate([hist, toks[i - 1 : i]])
-            lg = logits[i : i + 1]
-            for proc in logits_processors:
-                lg = proc(hist, lg)
-            out.append(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
-        return mx.concatenate(out, 0)
+        return _logprobs(logits, toks, history if hist is None else hist, logits_processors)
 
     # prefill: main model in chunks; the MTP block gets (h_t, x_{t+1}) pairs
     y = prompt.astype(mx.uint32)
@@ -301,16 +312,30 @@ def mtp_generate_step(
             t0 = time.perf_counter()
             left = max_tokens - ntoks if max_tokens >= 0 else k_max + 1
             k = max(0, min(length.next(), left - 1))
-            if k:
-                _feed_mtp(model, mtp, deferred)
-                drafts, q, _g = _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
-            else:
-                # not drafting: the MTP block gets these pairs in one pass when
-                # drafting resumes (one multi-token step costs far less than many)
-                deferred.append((pending_h, pending_t))
-                if len(deferred) >= MAX_DEFERRED:
-                    _feed_mtp(model, mtp, deferred)
-                drafts, q = [], None
+            if not k:
+                # not drafting: single steps, each built while the previous one runs;
+                # the MTP block gets their pairs in one pass when drafting resumes
+                # (one multi-token step costs far less than many)
+                n = length.iterations_left()
+                if max_tokens >= 0:
+                    n = min(n, left)
+                steps = _single_steps(model, main_cache, pending_t[-1], n, process, pick, history)
+                with contextlib.closing(steps):
+                    for t, lp_t, h in steps:
+                        deferred.append((pending_h, pending_t))
+                        if len(deferred) >= MAX_DEFERRED:
+                            _feed_mtp(model, mtp, deferred)
+                        pending_h, pending_t = h, [t]
+                        ntoks += 1
+                        if history is not None:
+                            history = mx.concatenate([history, mx.array([t], mx.uint32)])
+                        yield t, lp_t, False
+                        now = time.perf_counter()
+                        length.record(1, now - t0)
+                        t0 = now
+                continue
+            _feed_mtp(model, mtp, deferred)
+            drafts, q, _g = _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
             y = mx.array([pending_t[-1]] + drafts, mx.uint32)
             logits, hs = _main_forward(model, y[None], main_cache)
             lp = process(logits[0], y)
@@ -337,6 +362,40 @@ def mtp_generate_step(
         if pending_t:
             deferred.append((pending_h, pending_t))
         _feed_mtp(model, mtp, deferred)
+
+
+def _single_steps(model, cache, first, n, process, pick, history):
+    """``n`` one-token main-model steps from the token ``first``, pipelined as
+    stock ``generate_step`` does: each step's graph is built and queued before
+    the previous step's token is read. Yields (token, logprobs, h) per step."""
+
+    def step(tok, hist):
+        logits, h = _main_forward(model, tok[None], cache)
+        lp = process(logits[0], tok, hist)
+        nxt = pick(lp).astype(mx.uint32)
+        mx.async_eval(nxt, lp, h)
+        return nxt, lp, h
+
+    hist = history
+    cur = step(mx.array([first], mx.uint32), hist)
+    ahead = False
+    try:
+        for i in range(n):
+            nxt = None
+            if i + 1 < n:
+                if hist is not None:  # the processors of the next step see this token
+                    hist = mx.concatenate([hist, cur[0]])
+                nxt = step(cur[0], hist)
+            ahead = nxt is not None
+            yield int(cur[0].item()), cur[1][0], cur[2]
+            ahead = False
+            cur = nxt
+    finally:
+        if ahead:
+            # closed early with the next step queued: undo it, so the cache ends
+            # where an unpipelined loop leaves it (the last token not yet fed)
+            for c in cache:
+                c.trim(1)
 
 
 def _feed_mtp(model, mtp, pairs):
