@@ -318,24 +318,27 @@ def phase_server(model, args, o):
 
 def phase_spec(model, args, o):
     """MTP drafting as users get it (``mtp_generate_step``, adaptive switch on) next
-    to plain decode: at the natural acceptance of random weights (about none), and
-    with drafts replaced by the plain run's own next tokens, each kept right with
-    probability --spec-rates (the MTP block still runs: its cost stays). Output
-    must equal the plain greedy run. Then the parts: draft step, verify steps."""
+    to plain decode (stock ``generate_step``, same process): first at the natural
+    acceptance of random weights (about none), whose tokens are compared with the
+    plain run's; then with acceptance forced to --spec-rates (``_forced_accept``:
+    the MTP block drafts and the main model verifies as always, only the number
+    kept is drawn). Then the parts: one draft step, verify steps."""
     from mlx_arch_plugins.deepseek_v4 import speculative as spec
 
     prompt = prompt_ids(o.decode_prompt, args.vocab_size, seed=PROMPT_SEED + 7)
     draft = spec.MTPDraft(model)
-    want, plain = greedy_run(model, prompt, o.spec_tokens)
-    real_draft = spec._draft
+    want, gaps, plain = greedy_run(model, prompt, o.spec_tokens)
+    real_accept = spec._accept
+    warm = set()
     for rate in [None] + o.spec_rates:
         for k in o.spec_ks:
             if rate is not None:
-                spec._draft = _oracle_draft(real_draft, want, rate)
+                spec._accept = _forced_accept(real_accept, rate)
             try:
-                spec_one(model, prompt, draft, k, rate, want, plain, o)
+                spec_one(model, prompt, draft, k, rate, (want, gaps, plain), o, k in warm)
             finally:
-                spec._draft = real_draft
+                spec._accept = real_accept
+            warm.add(k)
     cache, mtp = model.make_cache(), draft.make_cache()[0]
     hs = model.model.hidden(prompt[None], cache)
     model.mtp_logits(hs[:, :-1], prompt[None, 1:], mtp)
@@ -360,64 +363,111 @@ def phase_spec(model, args, o):
 
 
 def greedy_run(model, prompt, n):
-    """Stock generate_step's greedy tokens and its ms per token after the first."""
+    """Stock generate_step's greedy tokens, the gap between the two best logprobs
+    at each (untimed run), and its ms per token after the first (timed run)."""
     from mlx_lm.generate import generate_step
 
-    generate_run(model, prompt, 8)  # warm
-    stamps, toks = [], []
+    toks, gaps = [], []
+    for _, (tok, logprobs) in zip(range(n), generate_step(prompt, model)):
+        toks.append(int(tok))
+        top2 = mx.topk(logprobs.astype(mx.float32), 2)
+        gaps.append(float(top2.max() - top2.min()))
+    stamps = []
     for _, (tok, _logprobs) in zip(range(n), generate_step(prompt, model)):
         stamps.append(time.perf_counter())
-        toks.append(int(tok))
-    return toks, (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1)
+    return toks, gaps, (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1)
 
 
-def _oracle_draft(real, want, rate, seed=0):
-    """A ``speculative._draft`` whose tokens are the plain run's next ones, each
-    right with probability ``rate`` up to the first wrong one."""
+def _forced_accept(real, rate, seed=0):
+    """A ``speculative._accept`` that keeps each draft with probability ``rate`` up
+    to the first one dropped, whatever the verify picked; the token after the kept
+    ones is the verify's own pick there. Random weights accept no draft, so this
+    is how drafting is timed at a given acceptance: the MTP block drafts and the
+    main model verifies and is rolled back exactly as in use; only the tokens
+    are not a model's output."""
     import random
 
     rng = random.Random(seed)
 
-    def draft(model, mtp, pending_h, pending_t, k, *rest):
-        out = real(model, mtp, pending_h, pending_t, k, *rest)
-        pos = draft.emitted
-        toks = list(want[pos : pos + k]) + [0] * k
-        right = 0
-        while right < k and rng.random() < rate:
-            right += 1
-        picked = toks[:right] + [t + 1 for t in toks[right:k]]
-        return picked, out[1], out[2]
+    def accept(lp, q, drafts, greedy, probs, pick):
+        picks = pick(lp).tolist()
+        n = 0
+        while n < len(drafts) and rng.random() < rate:
+            n += 1
+        return n, picks[n]
 
-    draft.emitted = 0
-    return draft
+    return accept
 
 
-def spec_one(model, prompt, draft, k, rate, want, plain, o):
-    """One drafting run (after one that warms), as a JSON line."""
+class _LoopCounters:
+    """Counts what the drafting loop did: iterations that drafted, tokens from
+    single steps, MTP catch-up passes and their time."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.real_next, self.real_feed = spec.DraftLength.next, spec._feed_mtp
+        self.drafting_iters = self.drafted_tokens = self.feeds = 0
+        self.feed_s = 0.0
+
+    def __enter__(self):
+        counters = self
+
+        def next_k(length):
+            k = counters.real_next(length)
+            if k:
+                counters.drafting_iters += 1
+            return k
+
+        def feed(model, mtp, pairs):
+            if pairs:
+                counters.feeds += 1
+            t = time.perf_counter()
+            counters.real_feed(model, mtp, pairs)
+            counters.feed_s += time.perf_counter() - t
+
+        self.spec.DraftLength.next, self.spec._feed_mtp = next_k, feed
+        return self
+
+    def __exit__(self, *exc):
+        self.spec.DraftLength.next, self.spec._feed_mtp = self.real_next, self.real_feed
+
+
+def spec_one(model, prompt, draft, k, rate, plain_run, o, warm):
+    """One drafting run (after one that warms, unless this k ran before), as a
+    JSON line."""
     from mlx_arch_plugins.deepseek_v4 import speculative as spec
 
-    for _ in range(2):
+    want, gaps, plain = plain_run
+    for _ in range(1 if warm else 2):
         stamps, got = [], []
-        if hasattr(spec._draft, "emitted"):
-            spec._draft.emitted = 0
-        for g in spec.mtp_generate_step(
-            prompt, model, draft, num_draft_tokens=k, max_tokens=o.spec_tokens
-        ):
-            stamps.append(time.perf_counter())
-            got.append(g)
-            if hasattr(spec._draft, "emitted"):
-                spec._draft.emitted = len(got)
+        with _LoopCounters(spec) as counted:
+            for g in spec.mtp_generate_step(
+                prompt, model, draft, num_draft_tokens=k, max_tokens=o.spec_tokens
+            ):
+                stamps.append(time.perf_counter())
+                got.append(g)
     per = (stamps[-1] - stamps[0]) * 1e3 / max(1, len(stamps) - 1)
+    toks = [int(g[0]) for g in got]
+    row = {}
+    if rate is None:  # a real decode: its tokens against stock generate_step's
+        diff = [i for i, (a, b) in enumerate(zip(toks, want)) if a != b]
+        row = dict(same_tokens_as_plain=not diff, first_difference=diff[0] if diff else None)
+        if diff:  # how close the plain run's two best tokens were there
+            row["plain_top2_gap_there"] = gaps[diff[0]]
+            row["plain_top2_gap_median"] = float(np.median(gaps))
     emit(
         "spec_mtp",
         k=k,
         rate="natural" if rate is None else rate,
         tokens=len(got),
         accepted=sum(1 for g in got if g[2]),
-        same_tokens_as_plain=[int(g[0]) for g in got] == want[: len(got)],
+        drafting_iterations=counted.drafting_iters,
+        mtp_catch_up_passes=counted.feeds,
+        mtp_catch_up_ms=1e3 * counted.feed_s,
         ms_per_token=per,
         plain_ms_per_token=plain,
         speedup=plain / per,
+        **row,
     )
 
 
@@ -562,7 +612,7 @@ def parse(argv):
     p.add_argument("--server-words", type=int, default=48)
     p.add_argument("--server-tokens", type=int, default=32)
     p.add_argument("--spec-ks", default="2")
-    p.add_argument("--spec-rates", default="0.8,0.6,0.0", help="oracle acceptance rates")
+    p.add_argument("--spec-rates", default="1.0,0.8,0.6,0.0", help="forced acceptance rates")
     p.add_argument("--spec-tokens", type=int, default=128)
     p.add_argument("--logits-out")
     p.add_argument("--stack-every-s", type=float, default=90, help="dist: dump stacks this often")
