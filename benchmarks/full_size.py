@@ -408,6 +408,17 @@ class _LoopCounters:
         self.real_next, self.real_feed = spec.DraftLength.next, spec._feed_mtp
         self.drafting_iters = self.drafted_tokens = self.feeds = 0
         self.feed_s = 0.0
+        self.ks = []  # the choice at each iteration (a run of single steps counts once)
+
+    def choices(self):
+        """The iterations' choices as runs, e.g. "2x8 0x3": k=2 eight times, then 0."""
+        runs = []
+        for k in self.ks:
+            if runs and runs[-1][0] == k:
+                runs[-1][1] += 1
+            else:
+                runs.append([k, 1])
+        return " ".join(f"{k}x{n}" for k, n in runs)
 
     def __enter__(self):
         counters = self
@@ -416,6 +427,7 @@ class _LoopCounters:
             k = counters.real_next(length)
             if k:
                 counters.drafting_iters += 1
+            counters.ks.append(k)
             return k
 
         def feed(model, mtp, pairs):
@@ -468,6 +480,8 @@ def spec_one(model, prompt, draft, k, rate, plain_run, o, warm):
         plain_ms_per_token=plain,
         speedup=plain / per,
         **row,
+        choices=counted.choices(),
+        token_gaps_ms=[round(1e3 * (b - a), 1) for a, b in zip(stamps, stamps[1:])],
     )
 
 

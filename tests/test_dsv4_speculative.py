@@ -407,21 +407,34 @@ def test_closing_during_single_steps_undoes_the_queued_step(monkeypatch):
     assert got + rest == _plain(TINY, prompt.tolist(), 11)
 
 
-def test_deferred_mtp_pairs_in_one_pass_match_one_by_one():
-    """While not drafting, the MTP block catches up later in one pass: its next
-    prediction equals that after feeding the same pairs one position at a time."""
-    ids = mx.random.randint(0, VOCAB, (1, 14), key=mx.random.key(4))
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 63, 64, 100])
+def test_catch_up_passes_cover_every_position_in_few_shapes(n):
+    from mlx_arch_plugins.deepseek_v4.model import COMPILED_MAX_TOKENS
+
+    pieces = spec._catch_up_lengths(n)
+    assert sum(pieces) == n and pieces == sorted(pieces, reverse=True)
+    assert all(p <= COMPILED_MAX_TOKENS and p & (p - 1) == 0 for p in pieces)
+    # at most one pass of each length below the limit
+    short = [p for p in pieces if p < COMPILED_MAX_TOKENS]
+    assert len(short) == len(set(short))
+
+
+def test_deferred_mtp_pairs_in_few_passes_match_one_by_one():
+    """While not drafting, the MTP block catches up later in a few passes (here
+    16 + 4 + 1 positions): its next prediction equals that after feeding the
+    same pairs one position at a time."""
+    ids = mx.random.randint(0, VOCAB, (1, 23), key=mx.random.key(4))
     h = TINY.model.hidden(ids, TINY.make_cache())
-    pairs = [(h[:, i : i + 1], [int(ids[0, i + 1])]) for i in range(12)]
-    one_by_one, in_one_pass = MTPDraft(TINY).make_cache()[0], MTPDraft(TINY).make_cache()[0]
+    pairs = [(h[:, i : i + 1], [int(ids[0, i + 1])]) for i in range(21)]
+    one_by_one, in_passes = MTPDraft(TINY).make_cache()[0], MTPDraft(TINY).make_cache()[0]
     for p in pairs:
         spec._feed_mtp(TINY, one_by_one, [p])
     batch = list(pairs)
-    spec._feed_mtp(TINY, in_one_pass, batch)
-    assert batch == [] and one_by_one.offset == in_one_pass.offset == 12
-    nxt = h[:, 12:13], ids[:, 13:14]
+    spec._feed_mtp(TINY, in_passes, batch)
+    assert batch == [] and one_by_one.offset == in_passes.offset == 21
+    nxt = h[:, 21:22], ids[:, 22:23]
     a = TINY.mtp_logits(*nxt, one_by_one)
-    b = TINY.mtp_logits(*nxt, in_one_pass)
+    b = TINY.mtp_logits(*nxt, in_passes)
     np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
 
 

@@ -23,7 +23,7 @@ Drafting pays only when enough drafts are accepted: a (k+1)-token verify costs m
 than a one-token step (1.45-1.7x on the H200 at 43 layers). ``DraftLength`` times
 the loop itself and drafts only while that yields more tokens per second than single
 steps, trying the other choice again now and then (single steps leave the MTP block
-behind; it catches up on those positions in one pass when drafting resumes);
+behind; it catches up on those positions in a few passes when drafting resumes);
 ``MLX_ARCH_PLUGINS_MTP_ADAPT=0`` always drafts k. The choice never changes the tokens,
 only how fast they come.
 """
@@ -45,7 +45,7 @@ MAX_DRAFT = TRIM_BOUND - 1  # the caches undo at most TRIM_BOUND tokens
 
 
 ADAPT_SWITCH = "MLX_ARCH_PLUGINS_MTP_ADAPT"
-# While not drafting, the MTP block is fed in one pass at most this many positions late.
+# While not drafting, the MTP block catches up at most this many positions late.
 MAX_DEFERRED = 64
 
 
@@ -314,8 +314,8 @@ def mtp_generate_step(
             k = max(0, min(length.next(), left - 1))
             if not k:
                 # not drafting: single steps, each built while the previous one runs;
-                # the MTP block gets their pairs in one pass when drafting resumes
-                # (one multi-token step costs far less than many)
+                # the MTP block catches up on their positions when drafting resumes
+                # (a few multi-token passes cost far less than one step each)
                 n = length.iterations_left()
                 if max_tokens >= 0:
                     n = min(n, left)
@@ -398,14 +398,31 @@ def _single_steps(model, cache, first, n, process, pick, history):
                 c.trim(1)
 
 
+def _catch_up_lengths(n: int) -> list[int]:
+    """``n`` positions as passes of power-of-two lengths up to the compiled step's
+    limit, longest first: a handful of distinct shapes, so a backend that compiles
+    per shape (MLX CUDA's fused kernels) compiles each once, not once per count."""
+    from .model import COMPILED_MAX_TOKENS
+
+    out = []
+    while n:
+        piece = min(COMPILED_MAX_TOKENS, 1 << (n.bit_length() - 1))
+        out.append(piece)
+        n -= piece
+    return out
+
+
 def _feed_mtp(model, mtp, pairs):
     """Feed the MTP block the real (h, next token) pairs of positions it has not
-    seen, in one forward; empties ``pairs``."""
+    seen, in a few multi-token passes (``_catch_up_lengths``); empties ``pairs``."""
     if not pairs:
         return
     h = mx.concatenate([p[0] for p in pairs], axis=1) if len(pairs) > 1 else pairs[0][0]
     ids = mx.array([[t for p in pairs for t in p[1]]], mx.uint32)
-    model.mtp_logits(h, ids, mtp)
+    at = 0
+    for n in _catch_up_lengths(ids.shape[1]):
+        model.mtp_logits(h[:, at : at + n], ids[:, at : at + n], mtp)
+        at += n
     mx.eval(mtp.state)
     pairs.clear()
 
