@@ -320,6 +320,21 @@ def test_draft_length_picks_what_yields_more_tokens_per_second():
     assert set(_windows(fixed, {3: 9.0, 0: 1.0}, 32)) == {3}
 
 
+def test_one_stall_does_not_turn_drafting_on():
+    """Single steps at 1 s a token, drafting at 2 s a token; one plain iteration
+    stalls for 20 s (a kernel compiled on first use): single steps still win."""
+    length = spec.DraftLength(2, adaptive=True, window=4, probe_every=4)
+    ks = []
+    for i in range(40):
+        k = length.next()
+        ks.append(k)
+        stall = k == 0 and i == 5
+        length.record(1, 20.0 if stall else (2.0 if k else 1.0))
+    assert ks[:8] == [2] * 4 + [0] * 4  # each choice measured once, the stall in there
+    later = ks[8:]
+    assert later.count(0) >= 0.7 * len(later)
+
+
 def test_never_accepted_drafts_turn_drafting_off_with_identical_output(monkeypatch):
     prompt = mx.random.randint(0, VOCAB, (21,), key=mx.random.key(9)).tolist()
     want = _plain(TINY, prompt, 60)

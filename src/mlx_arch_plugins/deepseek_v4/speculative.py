@@ -56,7 +56,12 @@ def drafting_enabled() -> bool:
 class DraftLength:
     """How many tokens to draft next: ``k`` while drafting yields more tokens per
     second than single steps (``0``), measured over windows of loop iterations, with
-    the losing choice measured again every ``probe_every`` windows."""
+    the losing choice measured again every ``probe_every`` windows. An iteration
+    that took over ``OUTLIER`` times the window's median is left out of the window's
+    rate: a one-off stall (a kernel compiled on first use, a collection) must not
+    decide the next windows."""
+
+    OUTLIER = 4.0
 
     def __init__(self, k: int, adaptive: bool, window: int = 8, probe_every: int = 8):
         self.choices = (k, 0)
@@ -64,25 +69,24 @@ class DraftLength:
         self.window, self.probe_every = window, probe_every
         self.rate = {k: None, 0: None}  # tokens per second of the last window
         self.current = k
-        self._tokens = self._seconds = self._iters = self._windows = 0
+        self._iters = []  # (tokens, seconds) of the current window's iterations
+        self._windows = 0
 
     def next(self) -> int:
         return self.current if self.adaptive else self.choices[0]
 
     def iterations_left(self) -> int:
         """Iterations until the current window's choice is reviewed."""
-        return self.window - self._iters if self.adaptive else 1
+        return self.window - len(self._iters) if self.adaptive else 1
 
     def record(self, tokens: int, seconds: float) -> None:
         if not self.adaptive:
             return
-        self._tokens += tokens
-        self._seconds += seconds
-        self._iters += 1
-        if self._iters < self.window:
+        self._iters.append((tokens, seconds))
+        if len(self._iters) < self.window:
             return
-        self.rate[self.current] = self._tokens / max(self._seconds, 1e-9)
-        self._tokens = self._seconds = self._iters = 0
+        self.rate[self.current] = self._window_rate()
+        self._iters = []
         self._windows += 1
         unmeasured = [c for c in self.choices if self.rate[c] is None]
         best = max(self.choices, key=lambda c: self.rate[c] or 0.0)
@@ -92,6 +96,12 @@ class DraftLength:
             self.current = self.choices[1] if best == self.choices[0] else self.choices[0]
         else:
             self.current = best
+
+    def _window_rate(self) -> float:
+        times = sorted(s for _, s in self._iters)
+        limit = self.OUTLIER * times[len(times) // 2]
+        kept = [(t, s) for t, s in self._iters if s <= limit or limit <= 0]
+        return sum(t for t, _ in kept) / max(sum(s for _, s in kept), 1e-9)
 
 
 class MTPDraft:
