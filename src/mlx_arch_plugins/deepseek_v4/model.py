@@ -1341,12 +1341,10 @@ class DeepseekV4Block(nn.Module):
         return self._ffn_half(h, input_ids)
 
     def _compiled_decode(self):
-        """The compiled (front, back) pair of a single-sequence decode step, or None."""
-        if (
-            not _compile_enabled()
-            or self.attn.sharding_group is not None
-            or self.ffn.sharding_group is not None
-        ):
+        """The compiled (front, back) pair of a single-sequence decode step, or None.
+        Tensor-parallel blocks compile too: their all-sums are nodes of the graph like
+        any other, in the same order on every rank."""
+        if not _compile_enabled():
             return None
         # the block's arrays are passed as implicit inputs, so weights loaded or
         # replaced later are seen (they are not baked in)
