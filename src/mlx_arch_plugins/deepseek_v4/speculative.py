@@ -20,7 +20,8 @@ state h_t and the token x_{t+1} and predicts x_{t+2}. A decode step:
 ``MLX_ARCH_PLUGINS_MTP=0`` turns drafting off (plain decode, same tokens).
 
 Drafting pays only when enough drafts are accepted: a (k+1)-token verify costs more
-than a one-token step (1.45-1.7x on the H200 at 43 layers). ``DraftLength`` times
+than a one-token step (1.1-1.7x on the H200), and unlike single steps it cannot be
+built while the previous step runs (its drafts must be read first). ``DraftLength`` times
 the loop itself and drafts only while that yields more tokens per second than single
 steps, trying the other choice again now and then (single steps leave the MTP block
 behind; it catches up on those positions in a few passes when drafting resumes);
