@@ -1022,8 +1022,8 @@ def _gate_keys(x, weight, bias, scoring):
 
 @mx.compile
 def _route_weights(w, scale, normalize):
-    if normalize:
-        w = w / w.sum(-1, keepdims=True)
+    if normalize:  # the top-k sum as adds of views: fused with the division
+        w = w / _sum_views(w, -1)
     return w * scale
 
 
@@ -1245,12 +1245,29 @@ class SharedExpert(nn.Module):
         return self.down_proj(h.astype(x.dtype))
 
 
+def _experts_sum_f32(routed):
+    # routed [.., k, D] summed over k in float32, expert by expert: views of the
+    # input cast one by one fuse into one elementwise kernel (a cast of the whole
+    # array, then a reduction, are two)
+    total = None
+    for j in range(routed.shape[-2]):
+        t = routed[..., j, :].astype(mx.float32)
+        total = t if total is None else total + t
+    return total
+
+
 @mx.compile
 def _moe_sum(routed, shared):
     # routed [.., k, D] + shared [.., D], summed in float32; shared has the
     # activations' dtype
-    y = routed.astype(mx.float32).sum(-2) + shared.astype(mx.float32)
+    y = _experts_sum_f32(routed) + shared.astype(mx.float32)
     return y.astype(shared.dtype)
+
+
+@mx.compile
+def _moe_partial_sum(routed, shared):
+    # a tensor-parallel rank's share, in float32, before the all-sum
+    return _experts_sum_f32(routed) + shared.astype(mx.float32)
 
 
 class DeepseekV4MoE(nn.Module):
@@ -1277,8 +1294,7 @@ class DeepseekV4MoE(nn.Module):
         if self.sharding_group is None:
             return _moe_sum(routed, shared)
         # partial sums over expert widths, added in float32
-        y = routed.astype(mx.float32).sum(-2) + shared.astype(mx.float32)
-        y = mx.distributed.all_sum(y, group=self.sharding_group)
+        y = mx.distributed.all_sum(_moe_partial_sum(routed, shared), group=self.sharding_group)
         return y.astype(x.dtype)
 
 
