@@ -331,12 +331,15 @@ def phase_spec(model, args, o):
     real_accept = spec._accept
     for rate in [None] + o.spec_rates:
         for k in o.spec_ks:
-            if rate is not None:
-                spec._accept = _forced_accept(real_accept, rate)
-            try:
-                spec_one(model, prompt, draft, k, rate, (want, gaps, plain), o)
-            finally:
-                spec._accept = real_accept
+            for ahead in o.spec_ahead:  # interleaved: the machine drifts between processes
+                if rate is not None:
+                    spec._accept = _forced_accept(real_accept, rate)
+                os.environ[spec.AHEAD_SWITCH] = ahead
+                try:
+                    spec_one(model, prompt, draft, k, rate, (want, gaps, plain), o)
+                finally:
+                    spec._accept = real_accept
+                    os.environ.pop(spec.AHEAD_SWITCH)
     cache, mtp = model.make_cache(), draft.make_cache()[0]
     hs = model.model.hidden(prompt[None], cache)
     model.mtp_logits(hs[:, :-1], prompt[None, 1:], mtp)
@@ -469,6 +472,7 @@ def spec_one(model, prompt, draft, k, rate, plain_run, o):
     emit(
         "spec_mtp",
         k=k,
+        ahead=spec.ahead_enabled(),
         rate="natural" if rate is None else rate,
         tokens=len(got),
         accepted=sum(1 for g in got if g[2]),
@@ -627,6 +631,11 @@ def parse(argv):
     p.add_argument("--spec-ks", default="2")
     p.add_argument("--spec-rates", default="1.0,0.8,0.6,0.0", help="forced acceptance rates")
     p.add_argument("--spec-tokens", type=int, default=128)
+    p.add_argument(
+        "--spec-ahead",
+        default="1",
+        help="MLX_ARCH_PLUGINS_MTP_AHEAD values to run each setting with, e.g. 1,0",
+    )
     p.add_argument("--logits-out")
     p.add_argument("--stack-every-s", type=float, default=90, help="dist: dump stacks this often")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip phases after this")
@@ -635,6 +644,7 @@ def parse(argv):
     o.prefills = [int(s) for s in o.prefills.split(",") if s]
     o.spec_ks = [int(s) for s in o.spec_ks.split(",") if s]
     o.spec_rates = [float(s) for s in o.spec_rates.split(",") if s]
+    o.spec_ahead = [s.strip() for s in o.spec_ahead.split(",") if s.strip()]
     start = time.perf_counter()
     o.budget_left = lambda: o.budget_s - (time.perf_counter() - start)
     return o

@@ -68,7 +68,13 @@ def main(argv=None):
         default=4096,
         help="contexts up to this run both paths twice; longer ones the default once",
     )
+    p.add_argument(
+        "--modes",
+        default="qmm,chunked",
+        help="expert paths to run (chunked alone: time the rest of the model)",
+    )
     o = p.parse_args(argv)
+    wanted = [m for m in o.modes.split(",") if m]
     shapes = perf.FLASH if o.width == "flash" else perf.SMALL
     shapes.update(n_routed_experts=o.experts, num_experts_per_tok=min(6, o.experts))
     t0 = time.perf_counter()
@@ -85,10 +91,10 @@ def main(argv=None):
         ),
         flush=True,
     )
-    for mode in ("chunked", "qmm"):  # warm both paths (kernel compilation)
+    for mode in wanted:  # warm each path (kernel compilation)
         run(model, args.vocab_size, 512, mode, o.format, o.step)
     for T in [int(x) for x in o.contexts.split(",") if x]:
-        modes = ["qmm", "chunked", "qmm", "chunked"] if T <= o.ab_up_to else ["chunked"]
+        modes = 2 * wanted if T <= o.ab_up_to else ["chunked"]
         for mode in modes:
             run(model, args.vocab_size, T, mode, o.format, o.step)
 

@@ -141,9 +141,9 @@ def main(argv=None):
                 pend_h, pend_t, made = h[:, -1:], [5], 0
                 start = [c.offset for c in cache], mtp.offset
                 while made < o.tokens:
-                    drafts, _, _ = spec._draft(
-                        model, mtp, pend_h, pend_t, k, True, None, lambda lp: mx.argmax(lp, axis=-1)
-                    )
+                    feed = mx.array(pend_t, mx.uint32)
+                    argmax = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
+                    drafts = spec._draft(model, mtp, pend_h, feed, k, None, argmax)[0].tolist()
                     y = mx.array([[pend_t[-1]] + drafts], mx.uint32)
                     logits, hs = spec._main_forward(model, y, cache)
                     picks = mx.argmax(logits[0], axis=-1)

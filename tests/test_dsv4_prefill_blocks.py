@@ -59,3 +59,28 @@ def test_score_buffers_do_not_grow_with_the_prompt(monkeypatch):
     per_block = max(1, limit // (heads * win))  # queries per block can be no more
     assert widths and max(widths) <= per_block * (per_block + win + entries)
     assert max(widths) < len(prompt) * len(prompt) // 4  # far from the unblocked L x L
+
+
+def test_heads_as_queries_with_sink_column_equal_per_head_sinks():
+    """The sparse branch's layout (heads as the query axis of one KV head, the sink as a
+    zero key/value row with its logit in an additive mask) gives what MLX's attention
+    with per-head ``sinks`` gives on the usual layout."""
+    from mlx_arch_plugins.deepseek_v4.model import _sink_bias
+
+    R, H, S, hd = 5, 4, 9, 16
+    keys = iter(mx.random.split(mx.random.key(3), 4))
+    q = mx.random.normal((R, H, 1, hd), key=next(keys))
+    kv = mx.random.normal((R, 1, S, hd), key=next(keys))
+    ok = mx.random.uniform(shape=(R, 1, 1, S), key=next(keys)) < 0.7
+    ok[..., 0] = True  # every query sees at least one key
+    sinks = mx.random.normal((H,), key=next(keys))
+    want = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.3, mask=ok, sinks=sinks)
+    zero = mx.zeros((R, 1, 1, hd))
+    kk = mx.concatenate([kv, zero], 2)
+    got = mx.fast.scaled_dot_product_attention(
+        q.transpose(0, 2, 1, 3), kk, kk, scale=0.3, mask=_sink_bias(ok, sinks, q.dtype)
+    )
+    np.testing.assert_allclose(np.array(got.transpose(0, 2, 1, 3)), np.array(want), atol=1e-5)
+    # and the sink matters: without its column the result differs
+    plain = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.3, mask=ok)
+    assert not np.allclose(np.array(plain), np.array(want), atol=1e-3)

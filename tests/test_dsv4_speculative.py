@@ -96,14 +96,20 @@ def test_first_drafts_are_the_mtp_blocks_predictions(monkeypatch):
     made = []
     real = spec._draft
 
-    def spy(model_, mtp, pending_h, pending_t, k, *a):
-        t = mtp.offset + len(pending_t) - 1  # MTP position of the last real pair
-        out = real(model_, mtp, pending_h, pending_t, k, *a)
-        if out[0]:
-            made.append((t, out[0][0]))
+    def spy(model_, mtp, feed_h, feed, k, *a):
+        t = mtp.offset + feed.size - 1  # MTP position of the last real pair
+        out = real(model_, mtp, feed_h, feed, k, *a)
+        made.append((t, int(out[0][0].item())))
         return out
 
+    undo = spec._undo_ahead
+
+    def undone(*a):  # drafts of an iteration built on a wrong guess are never used
+        made.pop()
+        return undo(*a)
+
     monkeypatch.setattr(spec, "_draft", spy)
+    monkeypatch.setattr(spec, "_undo_ahead", undone)
     got, _ = _mtp(model, prompt, 30, 2)
     seq = mx.array([prompt + got])
     h = model.model.hidden(seq[:, :-1])
@@ -124,24 +130,25 @@ def test_greedy_identical_tiny(k, plen):
     assert got == want
 
 
-def _oracle(monkeypatch, future, wrong=False):
+def _oracle(monkeypatch, future, plen, wrong=False):
     """Drafts that are always right (the plain run's next tokens) or always
-    wrong; counts the drafts."""
+    wrong; counts the drafts. A draft's place in the output follows from the MTP
+    block's position (drafts may be made before the tokens before them are read)."""
     seen = {"drafts": 0}
     draft = spec._draft
 
-    def fake(model, mtp, pending_h, pending_t, k, greedy, probs, pick):
+    def fake(model, mtp, feed_h, feed, k, probs, pick):
+        # first draft: output token at sequence position (last real pair's) + 2
+        pos = mtp.offset + feed.size + 1 - plen
         # the MTP block still runs (its cache must stay right); its tokens are replaced
-        real = draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
-        pos = fake.emitted  # tokens produced so far
+        real = draft(model, mtp, feed_h, feed, k, probs, pick)
         want = future[pos : pos + k]
         want += [0] * (k - len(want))
         if wrong:
             want = [(t + 1) % VOCAB for t in want]
         seen["drafts"] += k
-        return want, real[1], real[2]
+        return mx.array(want, mx.uint32), real[1]
 
-    fake.emitted = 0
     monkeypatch.setattr(spec, "_draft", fake)
     return fake, seen
 
@@ -151,7 +158,7 @@ def test_oracle_and_always_wrong_drafts(monkeypatch, wrong):
     monkeypatch.setenv(spec.ADAPT_SWITCH, "0")  # draft k every step
     prompt = mx.random.randint(0, VOCAB, (37,), key=mx.random.key(5)).tolist()
     want = _plain(TINY, prompt, 25)
-    fake, _seen = _oracle(monkeypatch, want, wrong)
+    fake, _seen = _oracle(monkeypatch, want, len(prompt), wrong)
     got = []
     drafted = []
     for t, _, d in mtp_generate_step(
@@ -159,12 +166,100 @@ def test_oracle_and_always_wrong_drafts(monkeypatch, wrong):
     ):
         got.append(int(t))
         drafted.append(d)
-        fake.emitted = len(got)
     assert got == want
     if wrong:
         assert not any(drafted)
     else:  # every draft accepted: 3 of every 4 tokens after the first
         assert sum(drafted) == sum(1 for i in range(1, 25) if i % 4 != 0)
+
+
+def _graph_nodes(arrays):
+    """Unevaluated graph nodes behind ``arrays`` (0: all of them are computed)."""
+    import re
+    import tempfile
+
+    arrays = [a for a in arrays if a is not None]
+    if not arrays:
+        return 0
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *arrays)
+        return len(re.findall(r"label", f.read()))
+
+
+def _count_ahead(monkeypatch):
+    """Counts the iterations built ahead and those undone; after each undo, checks
+    that the entry buffers carry no more graph than before the ahead was built (a
+    buffer still tied to the dropped graph would compute it after all)."""
+    seen = {"built": 0, "undone": 0, "tied": 0}
+    build, undo = spec._build_ahead, spec._undo_ahead
+
+    def pending(main_cache, mtp):
+        return _graph_nodes([a for c in (*main_cache, mtp) for a in (c._comp, c._index)])
+
+    def built(model, main_cache, mtp, *a):
+        seen["built"] += 1
+        seen["before"] = pending(main_cache, mtp)
+        return build(model, main_cache, mtp, *a)
+
+    def undone(main_cache, mtp, ahead):
+        seen["undone"] += 1
+        out = undo(main_cache, mtp, ahead)
+        seen["tied"] += pending(main_cache, mtp) != seen["before"]
+        return out
+
+    monkeypatch.setattr(spec, "_build_ahead", built)
+    monkeypatch.setattr(spec, "_undo_ahead", undone)
+    return seen
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_verify_built_ahead_is_used_or_undone_exactly(monkeypatch, wrong):
+    """Each verify is built while the previous one runs, on the guess that every
+    draft is kept: used when the guess came true, else undone unevaluated. Either
+    way the tokens are plain decoding's, and a consumer that stops early leaves
+    both caches where an unpipelined loop would (and they continue exactly)."""
+    monkeypatch.setenv(spec.ADAPT_SWITCH, "0")
+    prompt = mx.random.randint(0, VOCAB, (33,), key=mx.random.key(7)).tolist()
+    want = _plain(TINY, prompt, 40)
+    _oracle(monkeypatch, want, len(prompt), wrong)
+    seen = _count_ahead(monkeypatch)
+    cache = TINY.make_cache() + MTPDraft(TINY).make_cache()
+    gen = mtp_generate_step(
+        mx.array(prompt),
+        TINY,
+        MTPDraft(TINY),
+        num_draft_tokens=3,
+        max_tokens=40,
+        prompt_cache=cache,
+    )
+    got = [int(next(gen)[0]) for _ in range(18)]
+    gen.close()
+    assert got == want[:18]
+    # right drafts: only the one pending at the close is undone; wrong: every one,
+    # and building ahead stops once few iterations keep all their drafts
+    assert seen["undone"] == (seen["built"] if wrong else 1)
+    assert seen["built"] <= 8 if wrong else seen["built"] >= 4
+    assert seen["tied"] == 0
+    # the caches hold the sequence up to an iteration's kept drafts (with wrong
+    # drafts: all but the last token yielded), the MTP block lined up with them
+    fed = cache[0].offset - len(prompt)
+    assert fed == len(got) - 1 or not wrong
+    assert cache[-1].offset == cache[0].offset
+    nxt = mx.array(want[fed : fed + 1])
+    rest = [
+        int(t) for (t, _), _ in zip(generate_step(nxt, TINY, prompt_cache=cache[:-1]), range(6))
+    ]
+    assert rest == want[fed + 1 : fed + 7]
+
+
+def test_ahead_switch_off_gives_the_same_tokens(monkeypatch):
+    monkeypatch.setenv(spec.ADAPT_SWITCH, "0")
+    prompt = mx.random.randint(0, VOCAB, (29,), key=mx.random.key(8)).tolist()
+    with_ahead, _ = _mtp(TINY, prompt, 20, 2)
+    monkeypatch.setenv(spec.AHEAD_SWITCH, "0")
+    seen = _count_ahead(monkeypatch)
+    without, _ = _mtp(TINY, prompt, 20, 2)
+    assert with_ahead == without == _plain(TINY, prompt, 20) and seen["built"] == 0
 
 
 def test_switch_turns_drafting_off(monkeypatch):
@@ -320,6 +415,19 @@ def test_draft_length_picks_what_yields_more_tokens_per_second():
     assert set(_windows(fixed, {3: 9.0, 0: 1.0}, 32)) == {3}
 
 
+def test_probes_of_a_losing_choice_back_off_and_a_win_resets_them():
+    """Drafting that keeps losing is probed less and less often (gaps of 4, 8, 16,
+    ... windows, at most MAX_PROBE_GAP); once it wins a probe it is chosen again."""
+    length = spec.DraftLength(3, adaptive=True, window=4, probe_every=4)
+    ks = _windows(length, {3: 2.0, 0: 1.0}, 4 * 100)
+    probes = [w for w in range(2, 100) if ks[4 * w] == 3]  # after the two first windows
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert len(probes) <= 6 and gaps == sorted(gaps) and gaps[-1] > gaps[0]
+    # drafting becomes the faster choice: picked again within one (backed-off) gap
+    later = _windows(length, {3: 0.5, 0: 1.0}, 4 * (spec.DraftLength.MAX_PROBE_GAP + 8))
+    assert later[-4 * 8 :].count(3) >= 0.7 * 4 * 8
+
+
 def test_one_stall_does_not_turn_drafting_on():
     """Single steps at 1 s a token, drafting at 2 s a token; one plain iteration
     stalls for 20 s (a kernel compiled on first use): single steps still win."""
@@ -338,7 +446,7 @@ def test_one_stall_does_not_turn_drafting_on():
 def test_never_accepted_drafts_turn_drafting_off_with_identical_output(monkeypatch):
     prompt = mx.random.randint(0, VOCAB, (21,), key=mx.random.key(9)).tolist()
     want = _plain(TINY, prompt, 60)
-    fake, _ = _oracle(monkeypatch, want, wrong=True)
+    fake, _ = _oracle(monkeypatch, want, len(prompt), wrong=True)
     clock = [0.0]
     ks = []
     forward = spec._main_forward
@@ -362,7 +470,6 @@ def test_never_accepted_drafts_turn_drafting_off_with_identical_output(monkeypat
         prompt_cache=cache,
     ):
         got.append(int(t))
-        fake.emitted = len(got)
     assert got == want
     after_probe = ks[16:]  # the first two windows measure k=3 and k=0
     assert after_probe.count(0) >= 0.7 * len(after_probe)

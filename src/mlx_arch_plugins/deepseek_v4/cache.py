@@ -90,6 +90,12 @@ def _nbytes(a: Optional[mx.array]) -> int:
     return 0 if a is None else a.nbytes
 
 
+def _new_handle(a: Optional[mx.array]) -> Optional[mx.array]:
+    """Another Python handle to the same array (no new graph node, no copy): an
+    in-place write through one leaves the other as it was."""
+    return None if a is None else a.astype(a.dtype)
+
+
 def _tail(a: mx.array, k: int, own: bool) -> mx.array:
     """``a[:, k:]``; with ``own`` a copy, so that an undo record of a long
     prefill chunk does not keep the chunk's whole buffer alive."""
@@ -111,6 +117,7 @@ class DeepseekV4Cache(_BaseCache):
         self.comp_kv = self.comp_score = None
         self.index_kv = self.index_score = None
         self._undo: List[_Undo] = []  # newest last; see checkpoint()
+        self._guess_bufs = None  # see start_guess()
 
     # -- compressed entries live in buffers that grow in steps, so appending
     # one entry every few tokens does not copy the whole history each time.
@@ -226,6 +233,28 @@ class DeepseekV4Cache(_BaseCache):
                 fields[f"{name}_kv"], fields[f"{name}_score"] = got
         return fields
 
+    # -- tokens fed on a guess -------------------------------------------------
+    # Speculative decoding builds the next verify before it knows whether the guess it
+    # rests on holds, and drops it unevaluated when it does not. ``trim`` alone would
+    # not free the cache from a dropped graph: new entries are written into the growth
+    # buffers in place, so the buffers would still depend on (and evaluate) it.
+    def start_guess(self):
+        """Write the next entries through new handles of the growth buffers, so that
+        ``drop_guess`` can give back the untouched ones."""
+        self._guess_bufs = (self._comp, self._index)
+        self._comp, self._index = _new_handle(self._comp), _new_handle(self._index)
+
+    def keep_guess(self):
+        """The guessed tokens stand (the old handles go: writes may reuse the memory)."""
+        self._guess_bufs = None
+
+    def drop_guess(self, n: int):
+        """Undo the ``n`` guessed tokens, unevaluated, and their buffer writes."""
+        if self._guess_bufs is None:
+            raise RuntimeError("drop_guess() without start_guess()")
+        self.trim(n)
+        (self._comp, self._index), self._guess_bufs = self._guess_bufs, None
+
     def is_trimmable(self):
         # Exact for the last ``max_trim()`` tokens (at most TRIM_BOUND);
         # ``trim`` refuses more with the reason.
@@ -272,6 +301,7 @@ class DeepseekV4Cache(_BaseCache):
         self.comp_kv, self.comp_score = arrays["comp_kv"], arrays["comp_score"]
         self.index_kv, self.index_score = arrays["index_kv"], arrays["index_score"]
         self._undo = []  # history is not saved: a loaded cache trims nothing
+        self._guess_bufs = None
 
     @property
     def meta_state(self):

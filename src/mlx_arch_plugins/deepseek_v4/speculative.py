@@ -20,8 +20,11 @@ state h_t and the token x_{t+1} and predicts x_{t+2}. A decode step:
 ``MLX_ARCH_PLUGINS_MTP=0`` turns drafting off (plain decode, same tokens).
 
 Drafting pays only when enough drafts are accepted: a (k+1)-token verify costs more
-than a one-token step (1.1-1.7x on the H200), and unlike single steps it cannot be
-built while the previous step runs (its drafts must be read first). ``DraftLength`` times
+than a one-token step (1.1-1.7x on the H200). A verify's drafts are not read before it
+is built (they stay lazy), but the acceptance must be: with greedy decoding, while most
+iterations keep every draft, the next iteration is built while the current verify runs,
+on the guess that all its drafts are kept, and dropped unevaluated when they are not
+(``_build_ahead``; ``MLX_ARCH_PLUGINS_MTP_AHEAD=0`` turns that off). ``DraftLength`` times
 the loop itself and drafts only while that yields more tokens per second than single
 steps, trying the other choice again now and then (single steps leave the MTP block
 behind; it catches up on those positions in a few passes when drafting resumes);
@@ -46,6 +49,16 @@ MAX_DRAFT = TRIM_BOUND - 1  # the caches undo at most TRIM_BOUND tokens
 
 
 ADAPT_SWITCH = "MLX_ARCH_PLUGINS_MTP_ADAPT"
+AHEAD_SWITCH = "MLX_ARCH_PLUGINS_MTP_AHEAD"
+# An ahead iteration undone after a rejection trims 2k+1 tokens of the main cache.
+MAX_AHEAD_DRAFT = (TRIM_BOUND - 1) // 2
+# Build ahead while at least this share of recent iterations kept every draft (an
+# exponential average with this weight on the newest). On the H200 (whole Flash,
+# 2-bit) an iteration whose guess came true took 72-80 ms instead of 105-133, and one
+# whose guess failed 150-210 ms instead of 83-113: building ahead paid at 100%
+# acceptance and lost at 60-80% (benchmarks/RESULTS.md), hence a high bar.
+AHEAD_MIN_RATE = 0.75
+AHEAD_RATE_WEIGHT = 0.2
 # While not drafting, the MTP block catches up at most this many positions late.
 MAX_DEFERRED = 64
 
@@ -54,15 +67,24 @@ def drafting_enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
+def ahead_enabled() -> bool:
+    """``MLX_ARCH_PLUGINS_MTP_AHEAD=0``: build each verify only after the previous
+    one is read (for timing the difference; the tokens are the same)."""
+    return os.environ.get(AHEAD_SWITCH, "1") != "0"
+
+
 class DraftLength:
     """How many tokens to draft next: ``k`` while drafting yields more tokens per
     second than single steps (``0``), measured over windows of loop iterations, with
-    the losing choice measured again every ``probe_every`` windows. An iteration
-    that took over ``OUTLIER`` times the window's median is left out of the window's
-    rate: a one-off stall (a kernel compiled on first use, a collection) must not
-    decide the next windows."""
+    the losing choice measured again after ``probe_every`` windows. Each probe that
+    loses again doubles that gap (up to ``MAX_PROBE_GAP`` windows), so a choice that
+    keeps losing (drafts never accepted) costs less and less; a probe that wins
+    switches and resets it. An iteration that took over ``OUTLIER`` times the
+    window's median is left out of the window's rate: a one-off stall (a kernel
+    compiled on first use, a collection) must not decide the next windows."""
 
     OUTLIER = 4.0
+    MAX_PROBE_GAP = 64
 
     def __init__(self, k: int, adaptive: bool, window: int = 8, probe_every: int = 8):
         self.choices = (k, 0)
@@ -71,7 +93,9 @@ class DraftLength:
         self.rate = {k: None, 0: None}  # tokens per second of the last window
         self.current = k
         self._iters = []  # (tokens, seconds) of the current window's iterations
-        self._windows = 0
+        self._gap = probe_every  # windows between probes of the losing choice
+        self._since_probe = 0
+        self._probing = False
 
     def next(self) -> int:
         return self.current if self.adaptive else self.choices[0]
@@ -88,13 +112,19 @@ class DraftLength:
             return
         self.rate[self.current] = self._window_rate()
         self._iters = []
-        self._windows += 1
         unmeasured = [c for c in self.choices if self.rate[c] is None]
         best = max(self.choices, key=lambda c: self.rate[c] or 0.0)
+        if self._probing:  # back off while the probed choice keeps losing
+            lost = best != self.current
+            self._gap = min(2 * self._gap, self.MAX_PROBE_GAP) if lost else self.probe_every
+            self._probing, self._since_probe = False, 0
+        else:
+            self._since_probe += 1
         if unmeasured:
             self.current = unmeasured[0]
-        elif self._windows % self.probe_every == 0:
+        elif self._since_probe >= self._gap:
             self.current = self.choices[1] if best == self.choices[0] else self.choices[0]
+            self._probing = True
         else:
             self.current = best
 
@@ -286,11 +316,20 @@ def mtp_generate_step(
     probs = None if greedy else target_probs(sampler)
     pick = (lambda lp: mx.argmax(lp, axis=-1)) if greedy else sampler
     history = prompt.astype(mx.uint32) if logits_processors else None
+    # build the next verify while this one runs (see _build_ahead): greedy only,
+    # where the token after all-kept drafts is known before it is read
+    guessing = greedy and not logits_processors and ahead_enabled() and k_max <= MAX_AHEAD_DRAFT
+    ahead = None
+    all_kept = 1.0  # running share of iterations that kept every draft
 
     def process(logits, toks, hist=None):
         # logits [L, V] of positions whose inputs end with ``toks``; returns
         # logprobs per position (processors see the tokens before each)
         return _logprobs(logits, toks, history if hist is None else hist, logits_processors)
+
+    def draw(feed_h, feed, k):
+        # k drafts (lazy) and, sampling with known distributions, theirs
+        return _draft(model, mtp, feed_h, feed, k, probs, pick)
 
     # prefill: main model in chunks; the MTP block gets (h_t, x_{t+1}) pairs
     y = prompt.astype(mx.uint32)
@@ -324,6 +363,8 @@ def mtp_generate_step(
             left = max_tokens - ntoks if max_tokens >= 0 else k_max + 1
             k = max(0, min(length.next(), left - 1))
             if not k:
+                if ahead is not None:
+                    ahead = _undo_ahead(main_cache, mtp, ahead)
                 # not drafting: single steps, each built while the previous one runs;
                 # the MTP block catches up on their positions when drafting resumes
                 # (a few multi-token passes cost far less than one step each)
@@ -345,29 +386,41 @@ def mtp_generate_step(
                         length.record(1, now - t0)
                         t0 = now
                 continue
-            _feed_mtp(model, mtp, deferred)
-            drafts, q, _g = _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick)
-            y = mx.array([pending_t[-1]] + drafts, mx.uint32)
-            logits, hs = _main_forward(model, y[None], main_cache)
-            lp = process(logits[0], y)
-            n, nxt = _accept(lp, q, drafts, greedy, probs, pick)
-            # undo what was not kept: rejected tokens, chained MTP positions
-            if k - n:
+            if ahead is not None and ahead.k != k:
+                ahead = _undo_ahead(main_cache, mtp, ahead)
+            if ahead is None:
+                _feed_mtp(model, mtp, deferred)
+                feed = mx.array(pending_t, mx.uint32)
+                cur = _build_verify(model, main_cache, pending_h, feed, k, draw, process)
+            else:  # built during the previous verify, on the guess that came true
+                cur, ahead = _keep_ahead(main_cache, mtp, ahead), None
+            mx.async_eval(cur.drafts, cur.lp)
+            if k > 1:
+                mtp.trim(k - 1)  # the chained draft positions (approximate states)
+            worth = all_kept >= AHEAD_MIN_RATE
+            if guessing and worth and (max_tokens < 0 or ntoks + k + 1 < max_tokens):
+                ahead = _build_ahead(model, main_cache, mtp, cur, draw, process)
+            drafts = cur.drafts.tolist()
+            n, nxt = _accept(cur.lp, cur.q, drafts, greedy, probs, pick)
+            all_kept += AHEAD_RATE_WEIGHT * ((n == k) - all_kept)
+            if ahead is not None and not (n == k and nxt == ahead.guess.item()):
+                ahead = _undo_ahead(main_cache, mtp, ahead)
+            if k - n:  # undo the rejected drafts
                 for c in main_cache:
                     c.trim(k - n)
-            if k > 1:
-                mtp.trim(k - 1)
-            pending_h, pending_t = hs[:, : n + 1], drafts[:n] + [nxt]
+            pending_h, pending_t = cur.hs[:, : n + 1], drafts[:n] + [nxt]
             out = drafts[:n] + [nxt]
             length.record(len(out), time.perf_counter() - t0)
             for i, t in enumerate(out):
                 ntoks += 1
                 if history is not None:
                     history = mx.concatenate([history, mx.array([t], mx.uint32)])
-                yield t, lp[i], i < n
+                yield t, cur.lp[i], i < n
                 if ntoks == max_tokens:
                     return
     finally:
+        if ahead is not None:  # built on a guess nobody will read
+            _undo_ahead(main_cache, mtp, ahead)
         # the MTP block catches up with the accepted positions, so a reused
         # prompt cache continues with both caches lined up
         if pending_t:
@@ -438,23 +491,79 @@ def _feed_mtp(model, mtp, pairs):
     pairs.clear()
 
 
-def _draft(model, mtp, pending_h, pending_t, k, greedy, probs, pick):
-    """k draft tokens (and, when sampling with known distributions, the
-    draft distributions they were drawn from)."""
+def _draft(model, mtp, feed_h, feed, k, probs, pick):
+    """k draft tokens as a lazy uint32 array [k] (nothing is read: the verify can
+    be built on them before they are computed) and, when sampling with known
+    distributions, the draft distributions [k, V] they were drawn from. The MTP
+    block is fed the real pairs (``feed_h``, ``feed``), then chains its own state."""
     drafts, qs = [], []
-    h, ids = pending_h, mx.array([pending_t], mx.uint32)
+    h, ids = feed_h, feed[None]
     for _ in range(k):
         logits, g = _mtp_forward(model, h, ids, mtp)
         lg = logits[0, -1:]
+        lg = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
         if probs is not None:
-            qd = probs(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
+            qd = probs(lg)
             d = mx.random.categorical(mx.log(qd))
             qs.append(qd)
         else:
-            d = pick(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
-        drafts.append(int(d.item()))
-        h, ids = g[:, -1:], mx.array([[drafts[-1]]], mx.uint32)
-    return drafts, (mx.concatenate(qs, 0) if qs else None), g
+            d = pick(lg)
+        drafts.append(d.astype(mx.uint32))
+        h, ids = g[:, -1:], drafts[-1][None]
+    return mx.concatenate(drafts), (mx.concatenate(qs, 0) if qs else None)
+
+
+class _Verify:
+    """One drafting iteration, built lazily: ``k`` drafts, the verify input ``y``
+    (the last real token, then the drafts), its logprobs ``lp`` and final states
+    ``hs``; ``guess`` is the token it assumed before the drafts (ahead only)."""
+
+    __slots__ = ("k", "drafts", "q", "y", "lp", "hs", "guess")
+
+    def __init__(self, k, drafts, q, y, lp, hs, guess=None):
+        self.k, self.drafts, self.q, self.y = k, drafts, q, y
+        self.lp, self.hs, self.guess = lp, hs, guess
+
+
+def _build_verify(model, main_cache, feed_h, feed, k, draw, process, guess=None):
+    """Drafts from the real pairs (``feed_h``, ``feed``) and their verify, as a graph
+    (nothing is evaluated). Advances the main cache by k+1 tokens and the MTP
+    cache by ``feed``'s length plus k-1 chained positions."""
+    drafts, q = draw(feed_h, feed, k)
+    y = mx.concatenate([feed[-1:], drafts])
+    logits, hs = _main_forward(model, y[None], main_cache)
+    return _Verify(k, drafts, q, y, process(logits[0], y), hs, guess)
+
+
+def _build_ahead(model, main_cache, mtp, cur: _Verify, draw, process) -> _Verify:
+    """The iteration after ``cur`` on the guess that all its drafts are kept: its
+    real pairs are then cur's k+1 states with cur's drafts and the token the verify
+    picks after them (greedy: the argmax at the last position). Built while cur runs
+    on the device, so a verify whose guess came true costs no graph building
+    after its drafts are read; one that did not is undone (``_undo_ahead``)
+    without ever being evaluated."""
+    k = cur.k
+    guess = mx.argmax(cur.lp[k:], axis=-1).astype(mx.uint32)
+    feed = mx.concatenate([cur.y[1:], guess])
+    for c in (*main_cache, mtp):
+        c.start_guess()
+    return _build_verify(model, main_cache, cur.hs[:, : k + 1], feed, k, draw, process, guess)
+
+
+def _keep_ahead(main_cache, mtp, ahead: _Verify) -> _Verify:
+    for c in (*main_cache, mtp):
+        c.keep_guess()
+    return ahead
+
+
+def _undo_ahead(main_cache, mtp, ahead: _Verify) -> None:
+    """Take an unevaluated ahead iteration out of the caches, so nothing of it is
+    ever computed: its verify's k+1 tokens from the main cache, its k+1 fed and
+    k-1 chained positions from the MTP block's."""
+    for c in main_cache:
+        c.drop_guess(ahead.k + 1)
+    mtp.drop_guess(2 * ahead.k)
+    return None
 
 
 def _mtp_forward(model, hidden, ids, cache):
