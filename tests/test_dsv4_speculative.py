@@ -391,14 +391,15 @@ def test_chi_square_catches_a_broken_rule(broken):
 # -- drafting switches itself off where it does not pay -----------------------------
 
 
-def _windows(length, per_choice_seconds, n):
-    """Feed ``n`` iterations timed by ``per_choice_seconds[k]`` (one token each, as
-    with drafts that are never accepted); the k of every iteration."""
+def _windows(length, per_token_seconds, n):
+    """Feed ``n`` iterations timed at ``per_token_seconds[k]`` a token (a drafting
+    iteration keeps one draft: two tokens); the k of every iteration."""
     ks = []
     for _ in range(n):
         k = length.next()
         ks.append(k)
-        length.record(1, per_choice_seconds[k])
+        tokens = 2 if k else 1
+        length.record(tokens, tokens * per_token_seconds[k])
     return ks
 
 
@@ -428,6 +429,23 @@ def test_probes_of_a_losing_choice_back_off_and_a_win_resets_them():
     assert later[-4 * 8 :].count(3) >= 0.7 * 4 * 8
 
 
+def test_drafting_window_that_keeps_nothing_ends_at_half():
+    """With no draft kept in the first half of a drafting window, the window ends
+    there (it cannot win); one that keeps drafts runs its full length."""
+    none_kept = spec.DraftLength(2, adaptive=True, window=8, probe_every=8)
+    ks = []
+    for _ in range(12):
+        ks.append(none_kept.next())
+        none_kept.record(1, 1.5 if ks[-1] else 1.0)  # drafting: one token, no draft kept
+    assert ks[:4] == [2] * 4 and ks[4:12] == [0] * 8
+    kept = spec.DraftLength(2, adaptive=True, window=8, probe_every=8)
+    ks = []
+    for _ in range(8):
+        ks.append(kept.next())
+        kept.record(2, 1.5)  # one draft kept each time
+    assert ks == [2] * 8 and kept.next() == 0  # full window, then single steps measured
+
+
 def test_one_stall_does_not_turn_drafting_on():
     """Single steps at 1 s a token, drafting at 2 s a token; one plain iteration
     stalls for 20 s (a kernel compiled on first use): single steps still win."""
@@ -437,7 +455,7 @@ def test_one_stall_does_not_turn_drafting_on():
         k = length.next()
         ks.append(k)
         stall = k == 0 and i == 5
-        length.record(1, 20.0 if stall else (2.0 if k else 1.0))
+        length.record(2 if k else 1, 20.0 if stall else (4.0 if k else 1.0))
     assert ks[:8] == [2] * 4 + [0] * 4  # each choice measured once, the stall in there
     later = ks[8:]
     assert later.count(0) >= 0.7 * len(later)

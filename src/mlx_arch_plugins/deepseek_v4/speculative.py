@@ -108,7 +108,7 @@ class DraftLength:
         if not self.adaptive:
             return
         self._iters.append((tokens, seconds))
-        if len(self._iters) < self.window:
+        if len(self._iters) < self.window and not self._hopeless():
             return
         self.rate[self.current] = self._window_rate()
         self._iters = []
@@ -127,6 +127,14 @@ class DraftLength:
             self._probing = True
         else:
             self.current = best
+
+    def _hopeless(self) -> bool:
+        """A drafting window whose first half kept no draft ends there: each of those
+        iterations gave one token for a verify and k drafts, more work than a single
+        step, so the window cannot come out ahead."""
+        half = max(1, self.window // 2)
+        drafting = self.current != self.choices[1]
+        return drafting and len(self._iters) >= half and all(t == 1 for t, _ in self._iters)
 
     def _window_rate(self) -> float:
         times = sorted(s for _, s in self._iters)
