@@ -62,3 +62,17 @@ def test_expert_row_indices_match_the_layer():
         got = dsv4._experts(mlp.gate_proj, x, idx, False)
         assert got.shape == want.shape
         assert mx.array_equal(got, want)
+
+
+def test_indexer_head_sum_compiled_shapeless_equals_eager():
+    """The compiled (shapeless) indexer head sum is reused as the entry count grows
+    and for prefill blocks: bit-equal to the eager expression at every shape."""
+    from mlx_arch_plugins.deepseek_v4.model import _relu_weighted_sum
+
+    keys = iter(mx.random.split(mx.random.key(7), 12))
+    for shape in [(1, 1, 4, 5), (1, 1, 4, 6), (1, 7, 4, 9), (2, 3, 4, 33), (1, 1, 4, 5)]:
+        dots = mx.random.normal(shape, key=next(keys)).astype(mx.bfloat16)
+        w = mx.random.normal((*shape[:3], 1), key=next(keys))
+        eager = (mx.maximum(dots.astype(mx.float32), 0) * w).sum(2)
+        got = _relu_weighted_sum(dots, w)
+        assert got.shape == shape[:2] + shape[3:] and mx.array_equal(got, eager).item()

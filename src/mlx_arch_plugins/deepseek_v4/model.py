@@ -680,7 +680,16 @@ class Indexer(nn.Module):
         w = w.astype(mx.float32)
         w = w * (self.head_dim**-0.5 * self.n_heads**-0.5)
         dots = q @ keys[:, None].swapaxes(-1, -2)  # [B, L, H, N]
-        return (mx.maximum(dots.astype(mx.float32), 0) * w[..., None]).sum(2)
+        return _relu_weighted_sum(dots, w[..., None])
+
+
+@functools.partial(mx.compile, shapeless=True)
+def _relu_weighted_sum(dots, w):
+    """sum over heads (axis 2) of w * relu(dots) in float32. Compiled, the cast, relu
+    and product are one kernel over the [B, L, H, N] products (at 128K context a
+    prefill block's are 256 MB) instead of three; shapeless, as N grows every few
+    tokens."""
+    return (mx.maximum(dots.astype(mx.float32), 0) * w).sum(2)
 
 
 def memoised(owner, name: str, anchors: tuple, key, build):
