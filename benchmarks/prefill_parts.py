@@ -10,6 +10,8 @@ evaluated alone (median of ``--runs`` after one warm-up):
   project    query / KV / compressor / indexer projections
   compress   the compressors' pooling and the cache's entry writes
   attend     cache work and attention (on a copy of the cache)
+  index_scores, index_scores_topk   CSA once the indexer selects: its scores over the
+             cached entries in the sparse branch's query blocks, without / with top-k
   output     grouped output projection
   ffn        the MoE half: collapse, norm, gate, routed and shared experts, expand
   experts    routed experts alone
@@ -113,6 +115,8 @@ def parts(layer, cache, h, ids, runs, kind, window):
 
         row("compress", compress)
     row("attend", lambda: attn.attend(q, kv, proj, cache.copy()))
+    if attn.ratio == 4 and index and cache.n_comp > attn.indexer.topk:
+        index_parts(row, attn, proj, cache, h.shape[1])
     row("output", lambda: attn.output(o))
     row("ffn", lambda: layer._ffn_half(h, ids))
     xf = layer.ffn_norm(layer.ffn_hc.collapse(h)[0])
@@ -137,6 +141,28 @@ def parts(layer, cache, h, ids, runs, kind, window):
         cls._query_block = real
 
 
+def index_parts(row, attn, proj, cache, L):
+    """The CSA indexer's share of ``attend`` (over the entries already cached), in the
+    query blocks the sparse branch uses: scores alone, then scores and top-k."""
+    from mlx_arch_plugins.deepseek_v4.model import topk_indices
+
+    ix, T, N = attn.indexer, cache.offset, cache.n_comp
+    span = attn.window + ix.topk
+    bq = max(1, min(L, attn._BLOCK_ELEMS // max(span * attn.head_dim, ix.n_heads * N)))
+    keys = cache.index
+
+    def blocks(topk):
+        iq = ix.queries(proj["iq"], T)
+        out = []
+        for a in range(0, L, bq):
+            score = ix.scores(iq[:, a : a + bq], proj["iw"][:, a : a + bq], keys)
+            out.append(topk_indices(score, ix.topk) if topk else score)
+        return out
+
+    row("index_scores", lambda: blocks(False))
+    row("index_scores_topk", lambda: blocks(True))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--format", choices=["official", "affine4"], default="affine4")
@@ -146,9 +172,13 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=2048, help="tokens already in the cache")
     p.add_argument("--chunk", type=int, default=2048, help="tokens of the timed chunk")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config")
     o = p.parse_args(argv)
     kinds = o.kinds.split(",")
     over = {"n_routed_experts": o.experts} if o.experts else {}
+    for kv in o.set:  # e.g. index_topk=64 (JSON values)
+        key, value = kv.split("=", 1)
+        over[key] = json.loads(value)
     model, _, args = perf.build_random(o.width, len(kinds), o.format, o.kinds, overrides=over)
     emit(part="env", **perf.env_info(), format=o.format, experts=o.experts, context=o.context)
     cache = perf.make_cache(model, 1)

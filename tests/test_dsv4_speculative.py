@@ -252,6 +252,22 @@ def test_verify_built_ahead_is_used_or_undone_exactly(monkeypatch, wrong):
     assert rest == want[fed + 1 : fed + 7]
 
 
+def test_ahead_undone_when_the_loop_switches_to_single_steps(monkeypatch):
+    """Right drafts (so every verify is built ahead) while the adaptive choice flips
+    between drafting and runs of single steps: each switch undoes the pending ahead
+    iteration, and the tokens are still plain decoding's."""
+    prompt = mx.random.randint(0, VOCAB, (27,), key=mx.random.key(13)).tolist()
+    want = _plain(TINY, prompt, 40)
+    _oracle(monkeypatch, want, len(prompt))
+    seen = _count_ahead(monkeypatch)
+    pattern = iter([3, 3, 0, 3, 3, 3, 0, 2, 0] * 10)
+    monkeypatch.setattr(spec.DraftLength, "next", lambda self: next(pattern))
+    monkeypatch.setattr(spec.DraftLength, "iterations_left", lambda self: 2)
+    got, drafted = _mtp(TINY, prompt, 40, 3)
+    assert got == want and any(drafted) and not all(drafted[1:])
+    assert seen["undone"] >= 3 and seen["tied"] == 0
+
+
 def test_ahead_switch_off_gives_the_same_tokens(monkeypatch):
     monkeypatch.setenv(spec.ADAPT_SWITCH, "0")
     prompt = mx.random.randint(0, VOCAB, (29,), key=mx.random.key(8)).tolist()
