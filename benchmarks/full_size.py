@@ -314,6 +314,28 @@ def phase_server(model, args, o):
         tokens_per_s=toks / t,
         tokenizer=kind,
     )
+    for target in o.server_long:
+        server_first_token(port, target, st)
+
+
+def server_first_token(port, target, st):
+    """Time to the first token of one chat request whose prompt is about ``target``
+    tokens, through the server's own chunked prefill: a 1-token completion, timed
+    from the request to the reply. A first request of known words calibrates words
+    to tokens (it starts differently, so the server's prompt cache cannot reuse it)."""
+    words = 1024
+    calibrated, _ = st.ask(port, st.prompts(1, 3, words)[0], 1)
+    words = max(1, round(words * target / max(1, calibrated)))
+    t = time.perf_counter()
+    prompt_tokens, completion = st.ask(port, st.prompts(1, 4, words)[0], 1)
+    seconds = time.perf_counter() - t
+    emit(
+        "server_first_token",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        seconds=seconds,
+        prompt_tokens_per_s=prompt_tokens / seconds,
+    )
 
 
 def phase_spec(model, args, o):
@@ -628,6 +650,11 @@ def parse(argv):
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--server-words", type=int, default=48)
     p.add_argument("--server-tokens", type=int, default=32)
+    p.add_argument(
+        "--server-long",
+        default="",
+        help="server: time to first token of one request of about these many prompt tokens",
+    )
     p.add_argument("--spec-ks", default="2")
     p.add_argument("--spec-rates", default="1.0,0.8,0.6,0.0", help="forced acceptance rates")
     p.add_argument("--spec-tokens", type=int, default=128)
@@ -645,6 +672,7 @@ def parse(argv):
     o.spec_ks = [int(s) for s in o.spec_ks.split(",") if s]
     o.spec_rates = [float(s) for s in o.spec_rates.split(",") if s]
     o.spec_ahead = [s.strip() for s in o.spec_ahead.split(",") if s.strip()]
+    o.server_long = [int(s) for s in o.server_long.split(",") if s]
     start = time.perf_counter()
     o.budget_left = lambda: o.budget_s - (time.perf_counter() - start)
     return o
