@@ -30,7 +30,7 @@ one)
   CUDA_VISIBLE_DEVICES=0 "$py" "$bench" single $extra --format affine2 --decode-tokens 48 \
     --phases "${PHASES:-decode,server,spec,prefill}" --budget-s "${BUDGET:-480}" 2>&1 | quiet | tee "$out/single_affine2.txt"
   wait
-  [ "${SELFTEST:-1}" = 1 ] && cat "$out/selftest.txt"
+  if [ "${SELFTEST:-1}" = 1 ]; then cat "$out/selftest.txt"; fi  # SELFTEST=0: still exit 0
   ;;
 two)
   nccl=$("$py" -c 'import nvidia.nccl as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null)

@@ -636,18 +636,37 @@ VIEWS = {
 }
 
 
+def _dot(outputs):
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        return f.read()
+
+
+def _primitive_names(outputs):
+    """One name per primitive of the (unevaluated) graph behind ``outputs``; a
+    multi-output primitive is one node."""
+    labels = re.findall(r'label ?= ?"([^"]*)"', _dot(outputs))
+    return [lab.split()[0] for lab in labels]
+
+
 def kernel_nodes(outputs):
     """Primitive counts of the (unevaluated) graph behind ``outputs``, views
     excluded; a multi-output primitive is one node."""
-    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
-        mx.export_to_dot(f.name, *outputs)
-        labels = re.findall(r'label ?= ?"([^"]*)"', f.read())
     counts = {}
-    for lab in labels:
-        name = lab.split()[0]
+    for name in _primitive_names(outputs):
         if name not in VIEWS:
             counts[name] = counts.get(name, 0) + 1
     return sum(counts.values()), dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def graph_nodes(outputs):
+    """(primitives, edges) of the graph behind ``outputs``, views included: a
+    view launches no kernel, but every node costs host time when the graph is
+    built and run, and more so the more arrays it reads and writes (edges:
+    array -> primitive and primitive -> array)."""
+    dot = _dot(outputs)
+    labels = re.findall(r'label ?= ?"([^"]*)"', dot)
+    return len(labels), dot.count("->")
 
 
 _PAD = mx.array([0], dtype=mx.uint8)  # data: no node of its own
@@ -712,13 +731,15 @@ def _cache_arrays(c):
 
 def step_kernels(model, cache, steps, vocab):
     """Kernels of ``steps`` batch-1 decode steps (graph of the outputs and
-    every cache array, views excluded): per layer, from steps run one layer
+    every cache array, views excluded), all graph nodes and their edges: per layer, from steps run one layer
     at a time (its input evaluated); then per whole step (logits + all
     caches, as mlx-lm builds it) over the next ``steps`` positions. A
     multiple of 4 steps covers every CSA block phase. Advances the caches
     by 2 * steps."""
     inner, layers = model.model, model.layers
     per = [[] for _ in layers]
+    per_nodes = [[] for _ in layers]
+    per_edges = [[] for _ in layers]
     ids = [mx.random.randint(0, vocab, (1, 1)) for _ in range(2 * steps)]
     mx.eval(ids)
     for y in ids[:steps]:
@@ -729,13 +750,19 @@ def step_kernels(model, cache, steps, vocab):
             h = layer(h, c, y)
             outs = [h] + _cache_arrays(c)
             per[i].append(kernel_nodes(outs)[0])
+            nodes, edges = graph_nodes(outs)
+            per_nodes[i].append(nodes)
+            per_edges[i].append(edges)
             mx.eval(outs)
-    whole = []
+    whole, whole_nodes, whole_edges = [], [], []
     for y in ids[steps:]:
         outs = [model(y, cache=cache)] + [a for c in cache for a in _cache_arrays(c)]
         whole.append(kernel_nodes(outs)[0])
+        nodes, edges = graph_nodes(outs)
+        whole_nodes.append(nodes)
+        whole_edges.append(edges)
         mx.eval(outs)
-    return per, whole
+    return (per, whole), (per_nodes, whole_nodes), (per_edges, whole_edges)
 
 
 def _kind(layer):
@@ -1078,14 +1105,16 @@ def main(argv=None):
 
 def count_kernels(model, cache, T, steps, vocab, graph):
     fused = os.environ.get("MLX_ARCH_PLUGINS_FUSED", "1") != "0"
-    per, whole = step_kernels(model, cache, steps, vocab)
+    kernels, nodes, edges = step_kernels(model, cache, steps, vocab)
     emit(
         "kernels",
         context=T,
         graph=graph,
         fused=fused,
         steps=steps,
-        **kernel_summary(model, per, whole),
+        **kernel_summary(model, *kernels),
+        nodes=kernel_summary(model, *nodes),
+        edges=kernel_summary(model, *edges),
     )
 
 
@@ -1167,6 +1196,14 @@ def table(res):
                 f"{r.get('flash_mix_per_layer', '-')}; whole step "
                 f"{r['whole_step_mean']} = {r['whole_per_layer']}/layer"
             )
+            for what in ("nodes", "edges"):
+                n = r.get(what)
+                if n:
+                    print(
+                        f"  graph {what}/layer (views included): Flash mix "
+                        f"{n.get('flash_mix_per_layer', '-')}; "
+                        f"whole step {n['whole_per_layer']}/layer"
+                    )
     for r in res:
         if r["bench"] == "projection":
             print(

@@ -14,14 +14,15 @@ evaluated alone (median of ``--runs`` after one warm-up):
              cached entries in the sparse branch's query blocks, without / with top-k
   output     grouped output projection
   ffn        the MoE half: collapse, norm, gate, routed and shared experts, expand
-  experts    routed experts alone
+  experts    routed experts alone (the backend's default path)
+  experts_qmm, experts_chunks   the same through gather_qmm, and through dequantized
+             chunks and gather_mm
   shared     shared expert alone
 
-and two candidate levers on the same inputs:
+and a candidate lever on the same inputs:
 
   project_bf16, output_bf16, shared_bf16   the dense quantized linears dequantized
                                            to bf16 once (a matmul floor for them)
-  attend_window_blocks                     queries in blocks of the window size
 
     python benchmarks/prefill_parts.py --format affine4 --experts 64 --context 2048
 
@@ -86,7 +87,32 @@ def dequantized_copy(module):
     return out
 
 
-def parts(layer, cache, h, ids, runs, kind, window):
+# the routed experts through each path, whatever the backend's table says
+EXPERT_PATHS = {
+    "experts_qmm": {"MLX_ARCH_PLUGINS_DEQUANT_ROWS": "0"},
+    "experts_chunks": {"MLX_ARCH_PLUGINS_DEQUANT_ROWS": "1"},
+}
+
+
+def with_env(env, fn):
+    """``fn`` run with the environment variables ``env`` set (restored after)."""
+
+    def wrapped():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return wrapped
+
+
+def parts(layer, cache, h, ids, runs, kind):
     """Time ``layer`` and its parts on hidden states ``h`` [1, L, hc, D]."""
     attn = layer.attn
 
@@ -125,20 +151,14 @@ def parts(layer, cache, h, ids, runs, kind, window):
     inds, scores = ffn.gate(xf, ids)
     mx.eval(inds, scores)
     row("experts", lambda: ffn.switch_mlp(xf, inds, scores))
+    for path, env in EXPERT_PATHS.items():
+        row(path, with_env(env, lambda: ffn.switch_mlp(xf, inds, scores)))
     row("shared", lambda: ffn.shared_experts(xf))
 
     flat = dequantized_copy(layer)
     row("project_bf16", lambda: flat.attn.project(xn, index))
     row("output_bf16", lambda: flat.attn.output(o))
     row("shared_bf16", lambda: flat.ffn.shared_experts(xf))
-
-    cls = type(attn)
-    real = cls._query_block
-    cls._query_block = lambda self, L, width: min(L, window)
-    try:
-        row("attend_window_blocks", lambda: attn.attend(q, kv, proj, cache.copy()))
-    finally:
-        cls._query_block = real
 
 
 def index_parts(row, attn, proj, cache, L):
@@ -189,7 +209,7 @@ def main(argv=None):
     h = (mx.random.normal((1, o.chunk, args.hc_mult, args.hidden_size)) * 0.5).astype(mx.bfloat16)
     mx.eval(ids, h)
     for layer, c in zip(model.layers, cache):
-        parts(layer, c, h, ids, o.runs, layer.attn.ratio, args.sliding_window)
+        parts(layer, c, h, ids, o.runs, layer.attn.ratio)
 
 
 if __name__ == "__main__":

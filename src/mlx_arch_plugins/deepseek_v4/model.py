@@ -371,8 +371,9 @@ def _hc_mix_logits(h, fn, eps):
 
 
 def _sum_views(c, axis):
-    # hc is tiny: adding its slices (views) lets mx.compile fuse each Sinkhorn
-    # half-step into one kernel, where .sum() would need a reduction kernel.
+    # a short axis summed as adds of its slices (views): mx.compile fuses the sum
+    # with the elementwise work around it, where .sum() is a reduction kernel
+    # (fewer kernels, but a slice node per term: see _hc_collapse_views)
     idx = [slice(None)] * c.ndim
     total = None
     for j in range(c.shape[axis]):
@@ -445,16 +446,25 @@ def _comb_softmax(mixes, scale, base, hc, eps):
     return mx.exp(raw * scale[2:3] + b - top) / total + eps
 
 
+# The Sinkhorn half-steps are a reduction and a divide each. Sums of the hc
+# column / row views fuse each half-step into one kernel (half the kernels),
+# but cost 4 slices and a 6-input kernel per half-step, and a step's host time
+# follows its graph's edges (inputs and outputs of every node, views
+# included), not its kernel count. On the H200 at 43 layers the reductions
+# gave a 21% shorter portable decode step (benchmarks/RESULTS.md, eighth
+# session). A whole iteration in one kernel (each lane recomputing it from the
+# 16 entries) was slower still: that kernel reads 22 arrays.
 @mx.compile
 def _hc_collapse_views(h, fn, scale, base, hc, iters, eps, norm_eps):
     """``_hc_collapse`` in fewer kernels (the same arithmetic up to fp32
-    rounding): softmax, pre weights and the weighted sum are elementwise."""
+    rounding): softmax, pre weights and the weighted sum are elementwise; the
+    Sinkhorn half-steps are reductions (see above)."""
     mixes = _hc_mix_logits(h, fn, norm_eps)
     comb = _comb_softmax(mixes, scale, base, hc, eps)
-    comb = comb / (_sum_views(comb, -2) + eps)
+    comb = comb / (comb.sum(-2, keepdims=True) + eps)
     for _ in range(iters - 1):
-        comb = comb / (_sum_views(comb, -1) + eps)
-        comb = comb / (_sum_views(comb, -2) + eps)
+        comb = comb / (comb.sum(-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(-2, keepdims=True) + eps)
     post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * scale[1:2] + base[hc : 2 * hc])
     x = _streams_sum(h, _pre_weights(mixes, scale, base, hc, eps))
     return x, post, comb
