@@ -18,6 +18,9 @@ evaluated alone (median of ``--runs`` after one warm-up):
   experts_qmm, experts_chunks   the same through gather_qmm, and through dequantized
              chunks and gather_mm
   shared     shared expert alone
+  project_qmm, output_qmm, shared_qmm   the dense linears through the quantized kernels
+             (the rows above take the backend's default: dequantized at prefill sizes where
+             DENSE_DEQUANT_ROWS says so)
 
 and a candidate lever on the same inputs:
 
@@ -46,9 +49,11 @@ import mlx.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import perf  # noqa: E402
 
+EXTRA = {}  # fields added to every figure's line (e.g. the block bound under test)
+
 
 def emit(**kw):
-    print("JSON " + json.dumps(kw), flush=True)
+    print("JSON " + json.dumps({**kw, **EXTRA}), flush=True)
 
 
 def median_ms(fn, runs):
@@ -154,6 +159,11 @@ def parts(layer, cache, h, ids, runs, kind):
     for path, env in EXPERT_PATHS.items():
         row(path, with_env(env, lambda: ffn.switch_mlp(xf, inds, scores)))
     row("shared", lambda: ffn.shared_experts(xf))
+    # the dense linears through the quantized kernels, whatever the backend's table says
+    qmm = {"MLX_ARCH_PLUGINS_DEQUANT_ROWS": "0"}
+    row("project_qmm", with_env(qmm, lambda: attn.project(xn, index)))
+    row("output_qmm", with_env(qmm, lambda: attn.output(o)))
+    row("shared_qmm", with_env(qmm, lambda: ffn.shared_experts(xf)))
 
     flat = dequantized_copy(layer)
     row("project_bf16", lambda: flat.attn.project(xn, index))
@@ -167,8 +177,7 @@ def index_parts(row, attn, proj, cache, L):
     from mlx_arch_plugins.deepseek_v4.model import topk_indices
 
     ix, T, N = attn.indexer, cache.offset, cache.n_comp
-    span = attn.window + ix.topk
-    bq = max(1, min(L, attn._BLOCK_ELEMS // max(span * attn.head_dim, ix.n_heads * N)))
+    bq = attn._sparse_block(L, N)
     keys = cache.index
 
     def blocks(topk):
@@ -193,6 +202,13 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=2048, help="tokens of the timed chunk")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config")
+    p.add_argument(
+        "--block-elems",
+        default="",
+        help="comma list: time every layer once per value of the attention's query-block "
+        "element bounds (DeepseekV4Attention._BLOCK_ELEMS and _INDEX_BLOCK_ELEMS, both set "
+        "to the value; default: the model's)",
+    )
     o = p.parse_args(argv)
     kinds = o.kinds.split(",")
     over = {"n_routed_experts": o.experts} if o.experts else {}
@@ -208,8 +224,13 @@ def main(argv=None):
     ids = mx.random.randint(0, args.vocab_size, (1, o.chunk))
     h = (mx.random.normal((1, o.chunk, args.hc_mult, args.hidden_size)) * 0.5).astype(mx.bfloat16)
     mx.eval(ids, h)
-    for layer, c in zip(model.layers, cache):
-        parts(layer, c, h, ids, o.runs, layer.attn.ratio)
+    attention = type(model.layers[0].attn)
+    for elems in [int(v) for v in o.block_elems.split(",") if v] or [None]:
+        if elems is not None:
+            attention._BLOCK_ELEMS = attention._INDEX_BLOCK_ELEMS = elems
+            EXTRA["block_elems"] = elems
+        for layer, c in zip(model.layers, cache):
+            parts(layer, c, h, ids, o.runs, layer.attn.ratio)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,17 @@ import time
 
 import mlx.core as mx
 
+from mlx_arch_plugins.deepseek_v4.model import DeepseekV4Attention as _Attention
 from mlx_arch_plugins.deepseek_v4.model import topk_indices
 
-BLOCK_ELEMS = 1 << 26  # DeepseekV4Attention._BLOCK_ELEMS
 FLASH = {"window": 128, "head_dim": 512, "index_heads": 64}
 
 
 def prefill_rows(n, k):
-    """Queries per block of DeepseekV4Attention._sparse at Flash sizes."""
-    span = FLASH["window"] + k
-    return max(1, BLOCK_ELEMS // max(span * FLASH["head_dim"], FLASH["index_heads"] * n))
+    """Queries per block of DeepseekV4Attention._sparse at Flash sizes
+    (``_sparse_block``'s bounds)."""
+    keys = _Attention._BLOCK_ELEMS // ((FLASH["window"] + k) * FLASH["head_dim"])
+    return max(1, min(keys, _Attention._INDEX_BLOCK_ELEMS // (FLASH["index_heads"] * n)))
 
 
 def time_ms(fn, runs, warm):

@@ -37,6 +37,29 @@ def test_block_size_changes_no_bit(case, chunk, monkeypatch):
     assert np.array_equal(whole, one_query)
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_indexer_block_size_changes_no_bit(chunk, monkeypatch):
+    """The sparse branch's own bound on a block's indexer products: one query per block
+    gives the logits of one block for the whole prompt."""
+    case = "a_swa_csa_hash_mtp"
+    sizes = []
+    real = DeepseekV4Attention._sparse_block
+
+    def spy(self, L, N):
+        sizes.append(real(self, L, N))
+        return sizes[-1]
+
+    monkeypatch.setattr(DeepseekV4Attention, "_sparse_block", spy)
+    monkeypatch.setattr(DeepseekV4Attention, "_INDEX_BLOCK_ELEMS", 1 << 40)
+    whole = _prefill(case, 1 << 40, chunk, monkeypatch)
+    assert sizes and max(sizes) > 1, "the indexer never selected"
+    sizes.clear()
+    monkeypatch.setattr(DeepseekV4Attention, "_INDEX_BLOCK_ELEMS", 1)
+    one_query = _prefill(case, 1 << 40, chunk, monkeypatch)
+    assert sizes and max(sizes) == 1
+    assert np.array_equal(whole, one_query)
+
+
 def test_score_buffers_do_not_grow_with_the_prompt(monkeypatch):
     # b_hca_long: window 8-ish rows and HCA entries over a 250-token prompt
     case = "b_hca_long"
@@ -84,3 +107,26 @@ def test_heads_as_queries_with_sink_column_equal_per_head_sinks():
     # and the sink matters: without its column the result differs
     plain = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.3, mask=ok)
     assert not np.allclose(np.array(plain), np.array(want), atol=1e-3)
+
+
+@pytest.mark.parametrize("B,L,N", [(1, 1, 9), (2, 5, 17)])
+def test_indexer_scores_equal_the_formula_per_token_and_head(B, L, N):
+    """score[b, t, n] = sum_h w[b,t,h] / sqrt(D H) * relu(q[b,t,h] . k[b,n]), computed
+    here in float64 one token and head at a time."""
+    model = load_case("a_swa_csa_hash_mtp")
+    indexer = next(layer.attn.indexer for layer in model.layers if layer.attn.ratio == 4)
+    H, D = indexer.n_heads, indexer.head_dim
+    keys = iter(mx.random.split(mx.random.key(5), 3))
+    q = mx.random.normal((B, L, H, D), key=next(keys))
+    w = mx.random.normal((B, L, H), key=next(keys))
+    k = mx.random.normal((B, N, D), key=next(keys))
+    got = np.array(indexer.scores(q, w, k))
+    qn, wn, kn = (np.array(a).astype(np.float64) for a in (q, w, k))
+    want = np.zeros((B, L, N))
+    for b in range(B):
+        for t in range(L):
+            for h in range(H):
+                want[b, t] += wn[b, t, h] * np.maximum(kn[b] @ qn[b, t, h], 0)
+    want /= np.sqrt(D * H)
+    assert got.shape == (B, L, N)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

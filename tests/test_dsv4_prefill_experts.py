@@ -1,9 +1,10 @@
-"""Routed experts at prefill sizes through dequantized chunks + gather_mm.
+"""Prefill through dequantized weights where a backend's quantized kernels are slow.
 
-Where a backend's quantized gather is slow for many rows (MLX CUDA), the experts are
-dequantized a chunk at a time and the rows, sorted by expert, go through gather_mm. The
-CPU keeps gather_qmm by default; these tests force the other path
-(``MLX_ARCH_PLUGINS_DEQUANT_ROWS``) and hold it to the same references.
+Routed experts: where a backend's quantized gather is slow for many rows (MLX CUDA), the
+experts are dequantized a chunk at a time and the rows, sorted by expert, go through
+gather_mm. Dense linears (``linear``): from a row threshold on, the weight is dequantized
+and a plain matmul runs. The CPU keeps the quantized kernels by default; these tests force
+the other paths (``MLX_ARCH_PLUGINS_DEQUANT_ROWS``) and hold them to the same references.
 """
 
 import mlx.core as mx
@@ -93,3 +94,87 @@ def test_threshold_table_is_per_backend_and_mode(monkeypatch):
     assert dsv4._dequant_rows("affine") is None  # no measurement: stock kernels
     monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "7")
     assert dsv4._dequant_rows("mxfp4") == 7
+
+
+def _quantized_pair(mode="affine"):
+    """A quantized Linear and a quantized mlx-lm MultiLinear (the two dense kinds)."""
+    from mlx_lm.models.mla import MultiLinear
+
+    dense, multi = nn.Linear(64, 48, bias=False), MultiLinear(32, 16, 3)
+    kw = dict(group_size=32, bits=4) if mode == "affine" else dict(group_size=32, bits=8)
+    return dense.to_quantized(mode=mode, **kw), multi.to_quantized(mode=mode, **kw)
+
+
+@pytest.mark.parametrize("mode", ["affine", "mxfp8"])
+def test_dense_linears_above_the_threshold_use_the_dequantized_weight(
+    mode, monkeypatch, dequant_calls
+):
+    dense, multi = _quantized_pair(mode)
+    x = mx.random.normal((1, 9, 64), key=mx.random.key(1))
+    xm = mx.random.normal((1, 3, 9, 32), key=mx.random.key(2))
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "10")  # 9 rows: quantized kernels
+    for layer, inp in ((dense, x), (multi, xm)):
+        assert np.array_equal(np.array(dsv4.linear(layer, inp)), np.array(layer(inp)))
+    assert not dequant_calls
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "9")
+    for layer, inp in ((dense, x), (multi, xm)):
+        got = dsv4.linear(layer, inp)
+        assert got.shape == layer(inp).shape
+        np.testing.assert_allclose(np.array(got), np.array(layer(inp)), atol=1e-4, rtol=1e-4)
+    assert len(dequant_calls) == 2
+
+
+def test_a_linear_subclass_keeps_its_own_call(monkeypatch, dequant_calls):
+    """A subclass may do more than the product (a sharded linear sums across devices):
+    only the exact quantized classes are taken apart."""
+    dense, _ = _quantized_pair()
+
+    class Doubled(nn.QuantizedLinear):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    doubled = Doubled(64, 48, bias=False, group_size=32, bits=4)
+    doubled.update(dense.parameters())
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "1")
+    x = mx.random.normal((5, 64), key=mx.random.key(3))
+    assert np.array_equal(np.array(dsv4.linear(doubled, x)), np.array(2 * dense(x)))
+    assert not dequant_calls
+
+
+def test_dense_threshold_table_is_per_backend_and_mode(monkeypatch):
+    monkeypatch.delenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", raising=False)
+    monkeypatch.setattr(dsv4, "_backend", lambda: "cuda")
+    for mode in ("affine", "mxfp8"):  # measured on the H200
+        assert dsv4._dense_dequant_rows(mode) == dsv4.DENSE_DEQUANT_ROWS[("cuda", mode)]
+    assert dsv4._dense_dequant_rows("mxfp4") is None  # not measured for dense linears
+    for backend in ("metal", "cpu"):  # no measurement: stock kernels
+        monkeypatch.setattr(dsv4, "_backend", lambda: backend)
+        assert dsv4._dense_dequant_rows("affine") is None
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "0")  # never
+    monkeypatch.setattr(dsv4, "_backend", lambda: "cuda")
+    assert dsv4._dense_dequant_rows("affine") is None
+
+
+@pytest.mark.parametrize("case", CASES[:1])
+def test_whole_affine_model_with_dense_dequant_equals_quantized_kernels(
+    case, monkeypatch, dequant_calls
+):
+    """Every linear quantized: the prefill through dequantized weights (dense and
+    routed) gives the quantized kernels' logits."""
+    model = load_case(case, "bf16")
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0,
+    )
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "0")
+    stock = _prefill(model, case)
+    # 2-D weights: dense linears (the quantized embedding's rows come as [B, L, packed])
+    assert not [shape for shape in dequant_calls if len(shape) == 2]
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "1")
+    dequantized = _prefill(model, case)
+    dense = [shape for shape in dequant_calls if len(shape) == 2]
+    # per layer at least the attention's wq_a, wq_b, wkv, wo_b and the shared expert's 3
+    assert len(dense) >= 7 * model.args.num_hidden_layers
+    np.testing.assert_allclose(dequantized, stock, atol=1e-4, rtol=0)

@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import BaseModelArgs
-from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 from mlx_lm.models.pipeline import PipelineMixin
 from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
 
@@ -561,7 +561,7 @@ class Compressor(nn.Module):
         self._rope = rope
 
     def project(self, x):
-        return self.wkv(x), self.wgate(x)
+        return linear(self.wkv, x), linear(self.wgate, x)
 
     def __call__(self, proj, offset: int, kv_rows, score_rows, keep_all: bool = False):
         """Feed tokens at positions [offset, offset+L), given their
@@ -795,10 +795,10 @@ class DeepseekV4Attention(nn.Module):
     def project(self, x, index: bool):
         """Queries, KV rows and compressor/indexer projections of ``x``."""
         B, L, _ = x.shape
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
+        qr = self.q_norm(linear(self.wq_a, x))
+        q = linear(self.wq_b, qr).reshape(B, L, self.n_heads, self.head_dim)
         q = mx.fast.rms_norm(q, None, self.eps)
-        kv = self.kv_norm(self.wkv(x))
+        kv = self.kv_norm(linear(self.wkv, x))
         # compressor/indexer projections for all rows at once (weights read once)
         proj = self._project(x, qr, index) if self.ratio else {}
         return q, kv, proj
@@ -833,8 +833,8 @@ class DeepseekV4Attention(nn.Module):
         B, L = o.shape[:2]
         G = self.o_groups
         o = o.reshape(B, L, G, -1).transpose(0, 2, 1, 3)
-        o = self.wo_a(o).transpose(0, 2, 1, 3).reshape(B, L, -1)
-        o = self.wo_b(o)
+        o = linear(self.wo_a, o).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        o = linear(self.wo_b, o)
         if self.sharding_group is not None:  # partial sums over head groups
             o = mx.distributed.all_sum(o, group=self.sharding_group)
         return o
@@ -846,8 +846,8 @@ class DeepseekV4Attention(nn.Module):
         if self.ratio == 4:
             proj.update(zip(("ikv", "igate"), self.indexer.compressor.project(x)))
             if index:
-                proj["iq"] = self.indexer.wq_b(qr)
-                proj["iw"] = self.indexer.weights_proj(x)
+                proj["iq"] = linear(self.indexer.wq_b, qr)
+                proj["iw"] = linear(self.indexer.weights_proj, x)
         return proj
 
     def _sinks(self, dtype):
@@ -940,9 +940,22 @@ class DeepseekV4Attention(nn.Module):
             cache.append_entries(self._round_kv(new), new_idx)
         return cache.n_comp
 
-    # Bound on the elements of one query block's scores / gathered keys / indexer
-    # products (prefill activations stay bounded at any context length).
+    # Bound on the elements of one query block's scores / gathered keys (prefill
+    # activations stay bounded at any context length).
     _BLOCK_ELEMS = 1 << 26
+
+    # Bound on the elements of one query block's indexer products [n, Hi, N] (bf16,
+    # then float32 in the head sum). A trade, measured on the H200 at 128K context
+    # (benchmarks/RESULTS.md, ninth session): 4x this bound made the CSA layer 11%
+    # faster and the 43-layer prefill's peak 16 GB higher (likely because a GPU holds
+    # the buffers of every queued block until it has run it; the CPU does not).
+    _INDEX_BLOCK_ELEMS = 1 << 26
+
+    def _sparse_block(self, L: int, N: int) -> int:
+        """Queries per block of the sparse branch, over ``N`` cached entries."""
+        keys = self._BLOCK_ELEMS // ((self.window + self.indexer.topk) * self.head_dim)
+        index = self._INDEX_BLOCK_ELEMS // max(1, self.indexer.n_heads * N)
+        return max(1, min(L, keys, index))
 
     def _query_block(self, L: int, width: int) -> int:
         """Queries per block when each query scores ``width`` keys in every head: at
@@ -993,7 +1006,7 @@ class DeepseekV4Attention(nn.Module):
         comp, index = cache.comp, cache.index
         iq = self.indexer.queries(proj["iq"], T)  # [B, L, Hi, ihd]
         span = win + k
-        bq = max(1, min(L, self._BLOCK_ELEMS // max(span * hd, self.indexer.n_heads * N)))
+        bq = self._sparse_block(L, N)
         flat = comp.reshape(B * N, hd)
         base = row_offsets(B, N, 3)
         outs = []
@@ -1189,6 +1202,47 @@ def _dequant_rows(mode: str) -> Optional[int]:
     return DEQUANT_ROWS.get((_backend(), mode))
 
 
+# Dense quantized linears at prefill sizes: on the H200 the quantized_matmul of
+# Flash's dense projections ran 1.4x (affine 4-bit) / 1.3x (mxfp8) slower than
+# dequantizing the weight and a bf16 matmul at 512 rows, 2.5x / 2.3x at 2048
+# (benchmarks/prefill_dense.py). From this many rows of one product on, the
+# weight is dequantized to the activations' dtype. Keyed like DEQUANT_ROWS, whose
+# variable overrides both tables; Metal and the CPU keep the quantized kernels.
+DENSE_DEQUANT_ROWS = {("cuda", "affine"): 512, ("cuda", "mxfp8"): 512}
+
+
+def _dense_dequant_rows(mode: str) -> Optional[int]:
+    if os.environ.get("MLX_ARCH_PLUGINS_DEQUANT_ROWS") is not None:
+        return _dequant_rows(mode)
+    return DENSE_DEQUANT_ROWS.get((_backend(), mode))
+
+
+def linear(layer, x):
+    """``layer(x)`` for a Linear or mlx-lm MultiLinear, quantized or not; a quantized
+    one given at least the backend's threshold of rows runs as a plain matmul on its
+    dequantized weight (a copy the size of the weight, freed after the product)."""
+    # exact classes: a subclass may do more in its call than the product
+    plain = type(layer) in (nn.QuantizedLinear, QuantizedMultiLinear)
+    if not plain or not _dequantizable(layer):
+        return layer(x)
+    threshold = _dense_dequant_rows(layer.mode)
+    weight = layer["weight"]
+    # rows of each product: a MultiLinear multiplies every head's rows by its own matrix
+    rows = x.size // x.shape[-1] // (weight.shape[0] if weight.ndim == 3 else 1)
+    if threshold is None or rows < threshold:
+        return layer(x)
+    w = mx.dequantize(
+        weight,
+        layer["scales"],
+        layer.get("biases"),
+        layer.group_size,
+        layer.bits,
+        mode=layer.mode,
+        dtype=x.dtype,
+    )
+    return x @ w.swapaxes(-1, -2)
+
+
 def _dequantizable(layer) -> bool:
     return (
         "scales" in layer and "bias" not in layer and getattr(layer, "global_scale", None) is None
@@ -1284,8 +1338,8 @@ class SharedExpert(nn.Module):
         self.limit = limit
 
     def __call__(self, x):
-        h = _clipped_swiglu(self.gate_proj(x), self.up_proj(x), self.limit)
-        return self.down_proj(h.astype(x.dtype))
+        h = _clipped_swiglu(linear(self.gate_proj, x), linear(self.up_proj, x), self.limit)
+        return linear(self.down_proj, h.astype(x.dtype))
 
 
 def _experts_sum_f32(routed):
