@@ -5,8 +5,9 @@ expert as the model sorts them, for several routed-row counts (tokens x top-k). 
 row count and format:
 
 * ``qmm``: ``mx.gather_qmm`` on the quantized experts (what the model does by default),
-* ``chunked``: the model's ``_experts_dequantized`` (dequantize a chunk of experts, then
-  ``gather_mm`` in bf16),
+* ``chunked``: the model's dequantized path (``_ExpertTiles`` and ``_tiles_matmul``:
+  dequantize a chunk of experts, then ``gather_mm`` in bf16 over tiles of one expert's
+  rows; the rows' gather into tiles is timed with it),
 * ``bf16``: ``gather_mm`` on experts already in bf16 (the floor),
 
 and prints the ratios the per-backend threshold ``DEQUANT_ROWS`` is set from.
@@ -57,12 +58,19 @@ def bench(E, out_dims, in_dims, rows, fmt, runs, top_k=6):
     for R in rows:
         idx = mx.array(np.sort(np.random.randint(0, E, size=R)).astype(np.uint32))
         x = (mx.random.normal((R, 1, in_dims)) * 0.1).astype(mx.bfloat16)
-        counts = np.bincount(np.array(idx), minlength=E).tolist()
-        mx.eval(idx, x)
+        plan = dsv4._ExpertTiles(np.array(idx), E, dsv4._TILE_ROWS)
+        row_of_slot = mx.array(plan.row)
+        mx.eval(idx, x, row_of_slot)
         t_qmm = _time(lambda: dsv4._experts(q, x, idx, True), runs)
-        t_chunk = _time(lambda: dsv4._experts_dequantized(q, x, idx, counts), runs)
+
+        dt = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16  # CPU gather_mm
+
+        def tiled():
+            xs = x.reshape(R, in_dims)[row_of_slot].astype(dt).reshape(-1, plan.rows, in_dims)
+            return dsv4._tiles_matmul(q, xs, plan, dt)
+
+        t_chunk = _time(tiled, runs)
         # the floor in bf16 (float32 on the CPU, whose gather_mm takes nothing else)
-        dt = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
         xf, wf = x.astype(dt), dense.astype(dt).swapaxes(-1, -2)
         t_bf16 = _time(lambda: mx.gather_mm(xf, wf, rhs_indices=idx, sorted_indices=True), runs)
         flops = 2 * R * out_dims * in_dims

@@ -130,3 +130,28 @@ def test_indexer_scores_equal_the_formula_per_token_and_head(B, L, N):
     want /= np.sqrt(D * H)
     assert got.shape == (B, L, N)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_key_padding_changes_no_bit(monkeypatch):
+    """The sparse branch pads each query's keys with masked zero rows to a multiple of
+    ``_KEY_ALIGN``; without padding the logits are the same, bit for bit."""
+    import mlx_arch_plugins.deepseek_v4.model as dsv4
+
+    case = "a_swa_csa_hash_mtp"
+    monkeypatch.setattr(dsv4, "_KEY_ALIGN", 1)
+    plain = _prefill(case, 1 << 40, None, monkeypatch)
+    monkeypatch.setattr(dsv4, "_KEY_ALIGN", 64)
+    padded = _prefill(case, 1 << 40, None, monkeypatch)
+    assert np.array_equal(plain, padded)
+    assert dsv4._aligned_keys(640) == 704 and dsv4._aligned_keys(63) == 64
+
+
+@pytest.mark.parametrize("dtype,width", [(mx.bfloat16, 512), (mx.float32, 6), (mx.bfloat16, 3)])
+def test_take_rows_equals_indexing(dtype, width):
+    from mlx_arch_plugins.deepseek_v4.model import take_rows
+
+    rows = mx.random.normal((50, width), key=mx.random.key(1)).astype(dtype)
+    pick = mx.random.randint(0, 50, (3, 4, 7), key=mx.random.key(2))
+    got = take_rows(rows, pick)
+    assert got.dtype == dtype and got.shape == (3, 4, 7, width)
+    assert mx.array_equal(got, rows[pick.reshape(-1)].reshape(3, 4, 7, width)).item()

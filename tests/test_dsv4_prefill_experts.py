@@ -1,8 +1,8 @@
 """Prefill through dequantized weights where a backend's quantized kernels are slow.
 
 Routed experts: where a backend's quantized gather is slow for many rows (MLX CUDA), the
-experts are dequantized a chunk at a time and the rows, sorted by expert, go through
-gather_mm. Dense linears (``linear``): from a row threshold on, the weight is dequantized
+experts are dequantized a chunk at a time and the rows, in tiles of one expert each, go
+through gather_mm. Dense linears (``linear``): from a row threshold on, the weight is dequantized
 and a plain matmul runs. The CPU keeps the quantized kernels by default; these tests force
 the other paths (``MLX_ARCH_PLUGINS_DEQUANT_ROWS``) and hold them to the same references.
 """
@@ -178,3 +178,42 @@ def test_whole_affine_model_with_dense_dequant_equals_quantized_kernels(
     # per layer at least the attention's wq_a, wq_b, wkv, wo_b and the shared expert's 3
     assert len(dense) >= 7 * model.args.num_hidden_layers
     np.testing.assert_allclose(dequantized, stock, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_expert_tiles_put_every_row_once_in_a_tile_of_its_expert(rows, skewed):
+    rng = np.random.default_rng(rows)
+    E, R = 16, 600
+    p = 1.0 / np.arange(1, E + 1) ** (2.0 if skewed else 0.0)
+    flat = rng.choice(E, size=R, p=p / p.sum())  # skewed: some experts get no row
+    plan = dsv4._ExpertTiles(flat.astype(np.uint32), E, rows)
+    counts = np.bincount(flat, minlength=E)
+    assert len(plan.expert) == int(np.sum(-(-counts // rows)))
+    assert len(plan.row) == len(plan.expert) * rows
+    # each flat row sits in exactly one slot, and that slot names it
+    assert np.array_equal(plan.row[plan.back], np.arange(R))
+    assert len(np.unique(plan.back)) == R
+    # every slot, padding included, holds a row of its tile's expert
+    assert np.array_equal(flat[plan.row], np.repeat(plan.expert, rows))
+    # expert e's tiles are first_tile[e]:first_tile[e + 1], in expert order
+    for e in range(E):
+        t0, t1 = plan.first_tile[e], plan.first_tile[e + 1]
+        assert np.all(plan.expert[t0:t1] == e) and t1 - t0 == -(-counts[e] // rows)
+
+
+def test_tile_size_changes_nothing_but_rounding(monkeypatch):
+    """Tiles of one row (every row its own product) and of 64 rows give the same output."""
+    case = CASES[0]
+    model = load_case(case, "bf16")
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda path, m: "switch_mlp" in path and hasattr(m, "to_quantized"),
+    )
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "1")
+    monkeypatch.setattr(dsv4, "_TILE_ROWS", 1)
+    one = _prefill(model, case)
+    monkeypatch.setattr(dsv4, "_TILE_ROWS", 64)
+    np.testing.assert_allclose(_prefill(model, case), one, atol=1e-5, rtol=0)

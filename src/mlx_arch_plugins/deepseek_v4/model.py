@@ -1006,9 +1006,16 @@ class DeepseekV4Attention(nn.Module):
         comp, index = cache.comp, cache.index
         iq = self.indexer.queries(proj["iq"], T)  # [B, L, Hi, ihd]
         span = win + k
+        pad = _aligned_keys(span) - span - 1
         bq = self._sparse_block(L, N)
-        flat = comp.reshape(B * N, hd)
-        base = row_offsets(B, N, 3)
+        # every row a query may take, in one array: the window's keys, the entries,
+        # then a zero row (the sink's key and value, and the padding's)
+        nk = keys.shape[1]
+        rows_of = mx.concatenate(
+            [keys.reshape(B * nk, hd), comp.reshape(B * N, hd), mx.zeros((1, hd), keys.dtype)]
+        )
+        key_base = row_offsets(B, nk, 3)
+        entry_base = B * nk + row_offsets(B, N, 3)
         outs = []
         for a in range(0, L, bq):
             n = min(bq, L - a)
@@ -1019,39 +1026,60 @@ class DeepseekV4Attention(nn.Module):
             score = mx.where(seen, score, -mx.inf)
             top = topk_indices(score, k)  # [B, n, k]
             ok_c = mx.take_along_axis(mx.broadcast_to(seen, (B, n, N)), top, axis=-1)
-            kc = gather_rows(flat, top, base)
             # window rows of query t: key indices t-win+1 .. t (in `keys`)
             iw = (rows + W0 - win + 1)[:, None] + mx.arange(win)[None]  # [n, win]
             ok_w = mx.broadcast_to(iw >= 0, (B, n, win))
-            kw = keys[:, mx.maximum(iw, 0).reshape(-1)].reshape(B, n, win, hd)
-            # a zero row after each query's keys: the sink's key and value
-            zero = mx.zeros((B, n, 1, hd), keys.dtype)
-            kk = mx.concatenate([kw, kc, zero], 2).reshape(B * n, 1, span + 1, hd)
+            zero = mx.full((B, n, 1 + pad), B * (nk + N), dtype=mx.int32)
+            pick = mx.concatenate([key_base + mx.maximum(iw, 0), entry_base + top, zero], 2)
+            kk = take_rows(rows_of, pick).reshape(B * n, 1, span + 1 + pad, hd)
             ok = mx.concatenate([ok_w, ok_c], 2).reshape(B * n, 1, 1, span)
             # the heads as the query axis of one KV head: each query's scores are one
             # [H, hd] x [hd, span] product that reads its keys once (as H queries
             # sharing one KV head, the unfused attention re-read them for every head:
             # 44 ms instead of ~10 for a 2048-token chunk on the H200)
             qq = q[:, :, a : a + n].transpose(0, 2, 1, 3).reshape(B * n, 1, H, hd)
-            o = mx.fast.scaled_dot_product_attention(
-                qq, kk, kk, scale=self.scale, mask=_sink_bias(ok, sinks, qq.dtype)
-            )
+            bias = _sink_bias(ok, sinks, qq.dtype, pad)
+            o = mx.fast.scaled_dot_product_attention(qq, kk, kk, scale=self.scale, mask=bias)
             outs.append(o.reshape(B, n, H, hd))
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, 1)
         return o.transpose(0, 2, 1, 3)
 
 
-def _sink_bias(ok: mx.array, sinks: mx.array, dtype) -> mx.array:
-    """Additive mask [R, 1, H, span + 1] for queries laid out as heads: 0 where ``ok``
-    [R, 1, 1, span], -inf elsewhere, and head h's sink logit in the last column (whose
-    key and value rows are zero: the sink adds exp(sink) to the softmax's sum and
-    nothing to the output, as ``sdpa(..., sinks=...)`` does per head)."""
+# Keys per query of the sparse branch are padded to a multiple of this (masked zero
+# rows): with rows of an odd length (641) the H200 ran the attention's two products
+# with cuBLAS's unaligned kernels (benchmarks/RESULTS.md, eleventh session).
+_KEY_ALIGN = 8
+
+
+def _aligned_keys(width: int) -> int:
+    """Key rows of an attention over ``width`` keys: those, the sink's zero row, and
+    masked padding up to a multiple of ``_KEY_ALIGN``."""
+    return -(-(width + 1) // _KEY_ALIGN) * _KEY_ALIGN
+
+
+def take_rows(rows: mx.array, pick: mx.array) -> mx.array:
+    """``rows[pick]`` for [R, D] ``rows``: gathered as 8-byte words where a row's bytes
+    allow (a quarter of the elements of a 2-byte gather). Returns [*pick.shape, D]."""
+    D = rows.shape[-1]
+    flat = pick.reshape(-1)
+    if (D * rows.dtype.size) % 8 or rows.dtype.size >= 8:
+        return rows[flat].reshape(*pick.shape, D)
+    words = rows.view(mx.uint64)[flat]
+    return words.view(rows.dtype).reshape(*pick.shape, D)
+
+
+def _sink_bias(ok: mx.array, sinks: mx.array, dtype, pad: int = 0) -> mx.array:
+    """Additive mask [R, 1, H, span + 1 + pad] for queries laid out as heads: 0 where
+    ``ok`` [R, 1, 1, span], -inf elsewhere; then head h's sink logit (its key and value
+    rows are zero: the sink adds exp(sink) to the softmax's sum and nothing to the
+    output, as ``sdpa(..., sinks=...)`` does per head); then ``pad`` masked columns."""
     R, span, H = ok.shape[0], ok.shape[-1], sinks.shape[0]
     bias = mx.where(ok, mx.array(0, dtype), mx.array(-mx.inf, dtype))
     sink = sinks.astype(dtype).reshape(1, 1, H, 1)
-    return mx.concatenate(
-        [mx.broadcast_to(bias, (R, 1, H, span)), mx.broadcast_to(sink, (R, 1, H, 1))], -1
-    )
+    parts = [mx.broadcast_to(bias, (R, 1, H, span)), mx.broadcast_to(sink, (R, 1, H, 1))]
+    if pad:
+        parts.append(mx.full((R, 1, H, pad), -mx.inf, dtype=dtype))
+    return mx.concatenate(parts, -1)
 
 
 # ----------------------------------------------------------------------------
@@ -1120,10 +1148,14 @@ def _clipped_swiglu(gate, up, limit):
     return nn.silu(gate) * up
 
 
-@mx.compile
-def _weighted_swiglu(gate, up, w, limit):
+def _weighted_swiglu_impl(gate, up, w, limit):
     # routed experts: the routing weight scales the activation (one kernel)
     return (_clipped_swiglu(gate, up, limit) * w).astype(gate.dtype)
+
+
+_weighted_swiglu = mx.compile(_weighted_swiglu_impl)
+# The tiled expert path meets a new tile count in nearly every layer: one trace for all.
+_weighted_swiglu_tiles = mx.compile(_weighted_swiglu_impl, shapeless=True)
 
 
 class _SwitchLinear(SwitchLinear):
@@ -1178,8 +1210,9 @@ def _experts(layer, x, idx, sorted_indices):
 # (tokens x top-k) go through a layer, the experts are dequantized a chunk at a time.
 # Keyed by (backend, quantization mode); only measured pairs are listed
 # (benchmarks/RESULTS.md, "Prefill"): on the H200 affine 4-bit gather_qmm is 1.8x slower
-# at 1536 rows and 14x at 24576, but faster below 400; mxfp4 gather_qmm is as fast as the
-# chunks at every size. Metal and the CPU keep gather_qmm.
+# at 1536 rows and 14x at 24576, but faster below 400; with mxfp4 experts gather_qmm was
+# as fast as the chunks at every size, and 43 layers prefilled faster on it than in tiles
+# (eleventh session). Metal and the CPU keep gather_qmm.
 # MLX_ARCH_PLUGINS_DEQUANT_ROWS overrides for every mode (0: never).
 DEQUANT_ROWS = {("cuda", "affine"): 1536}
 _DEQUANT_CHUNK_BYTES = 256 << 20  # bound on one chunk's dequantized weights
@@ -1249,40 +1282,69 @@ def _dequantizable(layer) -> bool:
     )
 
 
-def _experts_dequantized(layer, x, idx, counts):
-    """``layer(x, idx)`` for rows sorted by expert (``counts[e]`` rows of expert e, in
-    order): each chunk of experts is dequantized to the activations' dtype and its
-    contiguous rows go through gather_mm. Nothing larger than one chunk's weights is
-    ever dequantized."""
+# Rows per tile of the dequantized expert path: each expert's rows are cut into tiles of
+# this many (its last tile padded), and gather_mm multiplies every tile by its expert's
+# matrix. On the H200 (benchmarks/RESULTS.md, eleventh session) one Flash projection over
+# 12288 routed rows took 1.2-1.3 ms in tiles of 64 or 128 rows, 1.6-2.3 ms in tiles of
+# 16-32, 2.5-3.2 ms as one-row products (MLX CUDA's grouped kernel for sorted one-row
+# gathers) and 38 ms in tiles of 256.
+_TILE_ROWS = 64
+
+
+class _ExpertTiles:
+    """Where each routed row goes in tiles of ``rows`` rows of one expert, planned on the
+    host from the experts ``flat`` [R] of the flat rows (token * k + slot).
+
+    Experts' tiles are in expert order; a padding slot repeats its expert's first row
+    (its output is never read). ``row`` [tiles * rows]: the flat row in each slot;
+    ``back`` [R]: each flat row's slot; ``first_tile`` [E + 1]: expert e's tiles are
+    ``first_tile[e]:first_tile[e + 1]``; ``expert`` [tiles]: each tile's expert."""
+
+    def __init__(self, flat: np.ndarray, n_experts: int, rows: int):
+        flat = flat.astype(np.int64)
+        counts = np.bincount(flat, minlength=n_experts)
+        tiles = -(-counts // rows)
+        self.first_tile = np.concatenate([[0], np.cumsum(tiles)])
+        self.expert = np.repeat(np.arange(n_experts), tiles)
+        order = np.argsort(flat, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        by_expert = flat[order]
+        slot = self.first_tile[by_expert] * rows + np.arange(len(flat)) - starts[by_expert]
+        row = np.repeat(order[starts[self.expert]], rows)
+        row[slot] = order
+        back = np.empty(len(flat), dtype=np.int64)
+        back[order] = slot
+        self.rows = rows
+        self.row = row.astype(np.uint32)
+        self.back = back.astype(np.uint32)
+
+
+def _tiles_matmul(layer, xs, plan: _ExpertTiles, dtype):
+    """``layer`` (a quantized SwitchLinear) applied to tiles ``xs`` [tiles, rows, in]:
+    each chunk of experts is dequantized to ``dtype`` and its tiles go through one
+    gather_mm. Nothing larger than one chunk's weights is ever dequantized."""
     E, out_dims = layer["weight"].shape[:2]
-    in_dims = x.shape[-1]
-    dtype = mx.float32 if mx.default_device() == mx.cpu else x.dtype  # CPU gather_mm: fp32
-    per_expert = out_dims * in_dims * dtype.size
+    per_expert = out_dims * xs.shape[-1] * dtype.size
     step = max(1, _DEQUANT_CHUNK_BYTES // per_expert)
-    outs, start = [], 0
+    biases = layer.get("biases")
+    outs = []
     for e0 in range(0, E, step):
         e1 = min(E, e0 + step)
-        stop = start + sum(counts[e0:e1])
-        if stop == start:
+        t0, t1 = int(plan.first_tile[e0]), int(plan.first_tile[e1])
+        if t1 == t0:
             continue
         w = mx.dequantize(
             layer["weight"][e0:e1],
             layer["scales"][e0:e1],
-            None if layer.get("biases") is None else layer["biases"][e0:e1],
+            None if biases is None else biases[e0:e1],
             layer.group_size,
             layer.bits,
             mode=layer.mode,
             dtype=dtype,
         )
-        y = mx.gather_mm(
-            x[start:stop].astype(dtype),
-            w.swapaxes(-1, -2),
-            rhs_indices=idx[start:stop] - e0,
-            sorted_indices=True,
-        )
-        outs.append(y.astype(x.dtype))
-        start = stop
-    return mx.concatenate(outs, 0) if len(outs) > 1 else outs[0]
+        local = mx.array((plan.expert[t0:t1] - e0).astype(np.uint32))
+        outs.append(mx.gather_mm(xs[t0:t1], w.swapaxes(-1, -2), rhs_indices=local))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, 0)
 
 
 class SwitchClippedGLU(nn.Module):
@@ -1297,6 +1359,11 @@ class SwitchClippedGLU(nn.Module):
         self.limit = limit
 
     def __call__(self, x, indices, weights):
+        threshold = None
+        if _dequantizable(self.gate_proj):
+            threshold = _dequant_rows(getattr(self.gate_proj, "mode", "affine"))
+        if threshold is not None and indices.size >= max(64, threshold):
+            return self._tiled(x, indices, weights)
         x = mx.expand_dims(x, (-2, -3))
         do_sort = indices.size >= 64
         idx, inv = indices, None
@@ -1310,13 +1377,6 @@ class SwitchClippedGLU(nn.Module):
             idx = indices.flatten()[order]
             w = weights.flatten()[order][:, None, None]
         project = functools.partial(_experts, sorted_indices=do_sort)
-        threshold = None
-        if do_sort and _dequantizable(self.gate_proj):
-            threshold = _dequant_rows(getattr(self.gate_proj, "mode", "affine"))
-        if threshold is not None and idx.size >= threshold:
-            # one host read per layer: where each expert's rows start
-            counts = np.bincount(np.array(idx), minlength=self.gate_proj["weight"].shape[0])
-            project = functools.partial(_experts_dequantized, counts=counts.tolist())
         h = _weighted_swiglu(
             project(self.gate_proj, x, idx),
             project(self.up_proj, x, idx),
@@ -1327,6 +1387,26 @@ class SwitchClippedGLU(nn.Module):
         if do_sort:
             y = _scatter_unsort(y, inv, indices.shape)
         return y.squeeze(-2)
+
+    def _tiled(self, x, indices, weights):
+        """The dequantized path for many rows (``_ExpertTiles``, ``_tiles_matmul``).
+        Reads the routing on the host: one wait per layer for the work before it."""
+        k, dims = indices.shape[-1], x.shape[-1]
+        plan = _ExpertTiles(
+            np.array(indices.reshape(-1)), self.gate_proj["weight"].shape[0], _TILE_ROWS
+        )
+        dtype = mx.float32 if mx.default_device() == mx.cpu else x.dtype  # CPU gather_mm: fp32
+        row = mx.array(plan.row)
+        xs = x.reshape(-1, dims)[row // k].astype(dtype).reshape(-1, plan.rows, dims)
+        w = weights.reshape(-1)[row].reshape(-1, plan.rows, 1)
+        h = _weighted_swiglu_tiles(
+            _tiles_matmul(self.gate_proj, xs, plan, dtype),
+            _tiles_matmul(self.up_proj, xs, plan, dtype),
+            w,
+            self.limit,
+        )
+        y = _tiles_matmul(self.down_proj, h, plan, dtype).reshape(-1, dims)
+        return y[mx.array(plan.back)].astype(x.dtype).reshape(*indices.shape, dims)
 
 
 class SharedExpert(nn.Module):
