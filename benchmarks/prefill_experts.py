@@ -66,7 +66,8 @@ def bench(E, out_dims, in_dims, rows, fmt, runs, top_k=6):
         dt = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16  # CPU gather_mm
 
         def tiled():
-            xs = x.reshape(R, in_dims)[row_of_slot].astype(dt).reshape(-1, plan.rows, in_dims)
+            xs = dsv4.take_rows(x.reshape(R, in_dims), row_of_slot).astype(dt)
+            xs = xs.reshape(-1, plan.rows, in_dims)
             return dsv4._tiles_matmul(q, xs, plan, dt)
 
         t_chunk = _time(tiled, runs)

@@ -1,5 +1,6 @@
-"""The optional CUDA kernel for the hyper-connection Sinkhorn
-(models/deepseek_v4_kernels.py) against the mx.compile path it replaces.
+"""The optional CUDA kernels of deepseek_v4/kernels.py against what they replace: the
+hyper-connection Sinkhorn against the mx.compile path, the dequantize kernels (affine,
+mxfp4, mxfp8) against ``mx.dequantize``, bit for bit.
 
 Runs only where MLX's CUDA backend is available (the H200 device machine:
 `PYTHONPATH=src python3 -m pytest tests/test_dsv4_kernels.py`, or `python3
@@ -82,6 +83,66 @@ def check_collapse():
         assert mx.abs(g - w).max().item() <= 1e-5
 
 
+# (bits, group size, packed shape [.., words], dtype): Flash's expert and dense shapes,
+# a word count that leaves the last thread block part empty, and every bit width the
+# kernel takes
+DEQUANT_CASES = (
+    (4, 64, (4, 2048, 512), mx.bfloat16),
+    (4, 64, (1024, 128), mx.bfloat16),
+    (4, 32, (3, 40, 8), mx.float16),
+    (2, 64, (64, 256), mx.bfloat16),
+    (8, 128, (96, 64), mx.bfloat16),
+)
+
+
+def check_dequantize():
+    for i, (bits, group, packed_shape, dtype) in enumerate(DEQUANT_CASES):
+        mx.random.seed(10 + i)
+        cols = packed_shape[-1] * 32 // bits
+        w = mx.random.normal((*packed_shape[:-1], cols)).astype(dtype)
+        q, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+        assert q.shape == packed_shape, (q.shape, packed_shape)
+        assert kern.dequant_enabled("affine", bits, dtype, biases)
+        want = mx.dequantize(q, scales, biases, group, bits, dtype=dtype)
+        for per_thread in (1, 2):
+            got = kern.affine_dequantize(q, scales, biases, group, bits, dtype, per_thread)
+            assert got.shape == want.shape and got.dtype == dtype
+            # bit for bit: compare the raw 16-bit patterns
+            same = mx.array_equal(got.view(mx.uint16), want.view(mx.uint16)).item()
+            assert same, f"bits {bits} group {group} {packed_shape} per_thread {per_thread}"
+
+
+def check_mx_dequantize():
+    for i, (mode, bits, shape, dtype) in enumerate(
+        (
+            ("mxfp4", 4, (4, 2048, 4096), mx.bfloat16),
+            ("mxfp4", 4, (3, 40, 96), mx.float16),
+            ("mxfp8", 8, (1024, 4096), mx.bfloat16),
+            ("mxfp8", 8, (7, 64), mx.bfloat16),
+        )
+    ):
+        mx.random.seed(30 + i)
+        # a wide spread of magnitudes: scales far from 1, codes of every kind
+        w = mx.random.normal(shape) * mx.exp(mx.random.uniform(-8, 8, shape[:-1] + (1,)))
+        q, scales = mx.quantize(w.astype(dtype), group_size=32, bits=bits, mode=mode)[:2]
+        assert kern.mx_dequant_enabled(mode, bits, 32, dtype)
+        want = mx.dequantize(q, scales, None, 32, bits, mode=mode, dtype=dtype)
+        got = kern.mx_dequantize(q, scales, bits, dtype)
+        assert got.shape == want.shape and got.dtype == dtype
+        same = mx.array_equal(got.view(mx.uint16), want.view(mx.uint16)).item()
+        assert same, f"{mode} {shape} {dtype}"
+
+
+def check_dequantize_slice():
+    # the expert path dequantizes a slice of experts: a view with an offset
+    mx.random.seed(20)
+    w = mx.random.normal((6, 256, 512)).astype(mx.bfloat16)
+    q, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    want = mx.dequantize(q[2:5], scales[2:5], biases[2:5], 64, 4, dtype=mx.bfloat16)
+    got = kern.affine_dequantize(q[2:5], scales[2:5], biases[2:5], 64, 4, mx.bfloat16)
+    assert mx.array_equal(got.view(mx.uint16), want.view(mx.uint16)).item()
+
+
 if pytest is not None:
     needs_cuda = pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend")
 
@@ -93,6 +154,18 @@ if pytest is not None:
     def test_collapse_with_kernel_matches_compiled_path():
         check_collapse()
 
+    @needs_cuda
+    def test_dequantize_kernel_is_bit_equal_to_mlx():
+        check_dequantize()
+
+    @needs_cuda
+    def test_mx_dequantize_kernel_is_bit_equal_to_mlx():
+        check_mx_dequantize()
+
+    @needs_cuda
+    def test_dequantize_kernel_on_a_slice_of_experts():
+        check_dequantize_slice()
+
 
 if __name__ == "__main__":
     if not _cuda():
@@ -101,3 +174,8 @@ if __name__ == "__main__":
     check_split()
     check_collapse()
     print("PASS sinkhorn kernel")
+    check_dequantize()
+    check_dequantize_slice()
+    print("PASS dequantize kernel")
+    check_mx_dequantize()
+    print("PASS mx dequantize kernel")

@@ -217,3 +217,89 @@ def test_tile_size_changes_nothing_but_rounding(monkeypatch):
     one = _prefill(model, case)
     monkeypatch.setattr(dsv4, "_TILE_ROWS", 64)
     np.testing.assert_allclose(_prefill(model, case), one, atol=1e-5, rtol=0)
+
+
+def test_dequantize_kernels_take_only_what_they_decode(monkeypatch):
+    """The CUDA dequantize kernels' guards, checked on the CPU: off without MLX CUDA or
+    with MLX_ARCH_PLUGINS_FUSED=0, and, on CUDA, only for the modes, widths, group sizes
+    and output types they were checked bit for bit against mx.dequantize."""
+    from mlx_arch_plugins.deepseek_v4 import kernels
+
+    biases = mx.zeros((1,))
+    assert not kernels.cuda_enabled()  # this machine's CPU backend
+    assert not kernels.dequant_enabled("affine", 4, mx.bfloat16, biases)
+    assert not kernels.mx_dequant_enabled("mxfp4", 4, 32, mx.bfloat16)
+    monkeypatch.setattr(kernels, "cuda_enabled", lambda: True)
+    assert kernels.dequant_enabled("affine", 4, mx.bfloat16, biases)
+    assert kernels.dequant_enabled("affine", 2, mx.float16, biases)
+    assert kernels.dequant_enabled("affine", 8, mx.bfloat16, biases)
+    for bits in (3, 5, 6):  # packs that straddle 32-bit words
+        assert not kernels.dequant_enabled("affine", bits, mx.bfloat16, biases)
+    assert not kernels.dequant_enabled("affine", 4, mx.float32, biases)
+    assert not kernels.dequant_enabled("affine", 4, mx.bfloat16, None)
+    assert not kernels.dequant_enabled("mxfp4", 4, mx.bfloat16, None)
+    assert kernels.mx_dequant_enabled("mxfp4", 4, 32, mx.bfloat16)
+    assert kernels.mx_dequant_enabled("mxfp8", 8, 32, mx.float16)
+    assert not kernels.mx_dequant_enabled("mxfp4", 8, 32, mx.bfloat16)
+    assert not kernels.mx_dequant_enabled("nvfp4", 4, 16, mx.bfloat16)  # e4m3 scales
+    assert not kernels.mx_dequant_enabled("mxfp4", 4, 32, mx.float32)
+    assert not kernels.mx_dequant_enabled("affine", 4, 32, mx.bfloat16)
+    monkeypatch.undo()
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_FUSED", "0")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # as if on a GPU
+    assert not kernels.cuda_enabled()
+
+
+@pytest.mark.parametrize("mode", ["affine", "mxfp4", "mxfp8"])
+def test_dequantize_falls_back_to_mlx_where_no_kernel_applies(mode, monkeypatch):
+    from mlx_arch_plugins.deepseek_v4 import kernels
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a CUDA kernel was called on the CPU")
+
+    monkeypatch.setattr(kernels, "affine_dequantize", no_kernel)
+    monkeypatch.setattr(kernels, "mx_dequantize", no_kernel)
+    bits, group = (4, 64) if mode == "affine" else (int(mode[-1]), 32)
+    layer = nn.Linear(128, 16, bias=False).to_quantized(group_size=group, bits=bits, mode=mode)
+    got = dsv4.dequantize(layer, layer["weight"], layer["scales"], layer.get("biases"), mx.bfloat16)
+    want = mx.dequantize(
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        group,
+        bits,
+        mode=mode,
+        dtype=mx.bfloat16,
+    )
+    assert mx.array_equal(got, want).item()
+
+
+@pytest.mark.parametrize("rows", ["1", "0"])
+def test_tiled_experts_start_early_without_changing_results(rows, monkeypatch):
+    """With the tiled path the MoE starts its output's evaluation (mx.async_eval) as soon
+    as it is built, and only then; the logits are those of the run without it."""
+    case = CASES[0]
+    model = load_case(case, "bf16")
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda path, m: "switch_mlp" in path and hasattr(m, "to_quantized"),
+    )
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", rows)
+    started = []
+    real = mx.async_eval
+
+    def spy(*arrays):
+        started.append(len(arrays))
+        return real(*arrays)
+
+    monkeypatch.setattr(mx, "async_eval", spy)
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_OVERLAP", "0")
+    waited = _prefill(model, case)
+    assert started == []
+    monkeypatch.setenv("MLX_ARCH_PLUGINS_OVERLAP", "1")
+    early = _prefill(model, case)
+    layers = model.args.num_hidden_layers
+    assert len(started) == (layers if rows == "1" else 0)
+    np.testing.assert_array_equal(early, waited)

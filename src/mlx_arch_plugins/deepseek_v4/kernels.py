@@ -1,11 +1,14 @@
-"""Optional fused kernels for DeepSeek-V4 decoding.
+"""Optional CUDA kernels for DeepSeek-V4, on top of the portable paths they replace.
 
-``sinkhorn_split``: the hyper-connection mixing weights (pre, post and the
-Sinkhorn-normalised comb matrix) in one CUDA kernel, one thread per token,
-instead of ~80 small kernels. Only used on MLX's CUDA backend (tested there by
-tests/test_dsv4_kernels.py); every other backend, and CUDA with
-``MLX_ARCH_PLUGINS_FUSED=0``, takes the mx.compile path in deepseek_v4.py.
-The arithmetic is the same, step for step (sums in the same order).
+``sinkhorn_split`` (decoding): the hyper-connection mixing weights (pre, post and the
+Sinkhorn-normalised comb matrix) in one kernel, one thread per token, instead of ~80
+small kernels; the arithmetic is the mx.compile path's, step for step (sums in the same
+order). ``affine_dequantize`` and ``mx_dequantize`` (prefill): weights dequantized bit
+for bit as ``mx.dequantize`` does, with wider stores.
+
+Only used on MLX's CUDA backend (tested there by tests/test_dsv4_kernels.py); every
+other backend, and CUDA with ``MLX_ARCH_PLUGINS_FUSED=0``, takes the portable path in
+model.py.
 """
 
 from __future__ import annotations
@@ -109,3 +112,175 @@ def sinkhorn_split(mixes, scale, base, hc: int, iters: int, eps: float):
         output_dtypes=[mx.float32] * 3,
     )
     return pre.reshape(*lead, hc), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
+
+
+# ``affine_dequantize``: MLX's CUDA kernel gives each thread one byte of packed
+# weights (two 4-bit values, a 4-byte store); on the H200 it moved ~2.1 TB/s, and the
+# prefill's expert and dense weights are dequantized every chunk (3.2 ms of a
+# 2048-token chunk's layer; benchmarks/RESULTS.md, eleventh session). Here each thread
+# unpacks one 32-bit word and stores its values with one or two 16-byte writes. The
+# arithmetic is MLX's, in the output type: scale * q, rounded, plus bias, rounded.
+_DEQUANT_SOURCE = """
+    size_t words = 1;
+    for (int d = 0; d < w_ndim; ++d) words *= w_shape[d];
+    const size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * WORDS_PER_THREAD;
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr unsigned MASK = (1u << BITS) - 1u;
+    constexpr int CHUNKS = PER_WORD * sizeof(T) / 16;
+#pragma unroll
+    for (int j = 0; j < WORDS_PER_THREAD; ++j) {
+        const size_t word = first + j;
+        if (word >= words) return;
+        const size_t group = word * PER_WORD / GROUP;
+        const T scale = scales[group];
+        const T bias = biases[group];
+        const unsigned int packed = w[word];
+        alignas(16) T values[PER_WORD];
+#pragma unroll
+        for (int i = 0; i < PER_WORD; ++i) {
+            const T q = static_cast<T>(static_cast<float>((packed >> (BITS * i)) & MASK));
+            values[i] = scale * q + bias;
+        }
+        if constexpr (CHUNKS > 0) {
+            uint4* dst = reinterpret_cast<uint4*>(out) + word * CHUNKS;
+            const uint4* src = reinterpret_cast<const uint4*>(values);
+#pragma unroll
+            for (int c = 0; c < CHUNKS; ++c) dst[c] = src[c];
+        } else {
+            reinterpret_cast<uint2*>(out)[word] = *reinterpret_cast<const uint2*>(values);
+        }
+    }
+"""
+
+_DEQUANT_KERNEL = None
+_DEQUANT_BITS = (2, 4, 8)
+_DEQUANT_DTYPES = (mx.bfloat16, mx.float16)
+
+
+def dequant_enabled(mode: str, bits: int, dtype, biases) -> bool:
+    """Whether ``affine_dequantize`` takes these weights (else ``mx.dequantize``)."""
+    return (
+        mode == "affine"
+        and biases is not None
+        and bits in _DEQUANT_BITS
+        and dtype in _DEQUANT_DTYPES
+        and cuda_enabled()
+    )
+
+
+def affine_dequantize(w, scales, biases, group_size: int, bits: int, dtype, per_thread: int = 1):
+    """``mx.dequantize(w, scales, biases, group_size, bits, dtype=dtype)`` for affine
+    weights, bit for bit, in one CUDA kernel that writes 16 bytes per store. Only where
+    ``dequant_enabled`` said yes. ``per_thread``: consecutive words per thread."""
+    global _DEQUANT_KERNEL
+    if _DEQUANT_KERNEL is None:
+        _DEQUANT_KERNEL = mx.fast.cuda_kernel(
+            name="dsv4_affine_dequantize",
+            input_names=["w", "scales", "biases"],
+            output_names=["out"],
+            source=_DEQUANT_SOURCE,
+        )
+    shape = (*w.shape[:-1], w.shape[-1] * 32 // bits)
+    (out,) = _DEQUANT_KERNEL(
+        inputs=[w, scales.astype(dtype), biases.astype(dtype)],
+        template=[
+            ("T", dtype),
+            ("BITS", bits),
+            ("GROUP", group_size),
+            ("WORDS_PER_THREAD", per_thread),
+        ],
+        grid=(-(-w.size // per_thread), 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[shape],
+        output_dtypes=[dtype],
+    )
+    return out
+
+
+# ``mx_dequantize``: the same for mxfp4 and mxfp8 weights (groups of 32 with a
+# power-of-two e8m0 scale). MLX's CUDA kernel gives a thread one byte (two fp4 values, or
+# one fp8 value and a 2-byte store). Decoding is exact: each value times its scale in
+# float32, then rounded to the output type, as MLX does.
+_MX_DEQUANT_SOURCE = """
+    size_t words = 1;
+    for (int d = 0; d < w_ndim; ++d) words *= w_shape[d];
+    const size_t word = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (word >= words) return;
+    constexpr int PER_WORD = 32 / BITS;
+    const unsigned int e = scales[word * PER_WORD / 32];
+    // e8m0: 2^(e - 127); 0 is 2^-127 (a float32 subnormal), 255 is NaN
+    const float scale = e == 255u ? __int_as_float(0x7fc00000)
+        : (e == 0u ? __int_as_float(0x00400000) : __int_as_float((int)(e << 23)));
+    const unsigned int packed = w[word];
+    alignas(16) T values[PER_WORD];
+#pragma unroll
+    for (int i = 0; i < PER_WORD; ++i) {
+        const unsigned int code = (packed >> (BITS * i)) & ((1u << BITS) - 1u);
+        float v;
+        if constexpr (BITS == 4) {
+            // e2m1: sign, 2 exponent bits (bias 1), 1 mantissa bit; exponent 0 is
+            // subnormal (0 or 0.5)
+            const unsigned int exponent = (code >> 1) & 3u;
+            const unsigned int mantissa = code & 1u;
+            v = exponent == 0u ? 0.5f * (float)mantissa
+                : __int_as_float((int)(((exponent + 126u) << 23) | (mantissa << 22)));
+            if (code & 8u) v = -v;
+        } else {
+            // e4m3 (bias 7, no infinities; exponent and mantissa all ones is NaN);
+            // exponent 0 is subnormal: mantissa * 2^-9
+            const unsigned int exponent = (code >> 3) & 0xfu;
+            const unsigned int mantissa = code & 7u;
+            if (exponent == 0xfu && mantissa == 7u) {
+                v = __int_as_float(0x7fc00000);
+            } else if (exponent == 0u) {
+                v = (float)mantissa * 0.001953125f;
+            } else {
+                v = __int_as_float((int)(((exponent + 120u) << 23) | (mantissa << 20)));
+            }
+            if (code & 0x80u) v = -v;
+        }
+        values[i] = static_cast<T>(scale * v);
+    }
+    if constexpr (PER_WORD * sizeof(T) == 16) {
+        reinterpret_cast<uint4*>(out)[word] = *reinterpret_cast<const uint4*>(values);
+    } else {
+        reinterpret_cast<uint2*>(out)[word] = *reinterpret_cast<const uint2*>(values);
+    }
+"""
+
+_MX_DEQUANT_KERNEL = None
+_MX_MODES = {"mxfp4": 4, "mxfp8": 8}
+
+
+def mx_dequant_enabled(mode: str, bits: int, group_size: int, dtype) -> bool:
+    """Whether ``mx_dequantize`` takes these weights (else ``mx.dequantize``)."""
+    return (
+        _MX_MODES.get(mode) == bits
+        and group_size == 32
+        and dtype in _DEQUANT_DTYPES
+        and cuda_enabled()
+    )
+
+
+def mx_dequantize(w, scales, bits: int, dtype):
+    """``mx.dequantize(w, scales, None, 32, bits, mode=mxfp4 / mxfp8, dtype=dtype)``,
+    bit for bit, one 32-bit word of codes per thread. Only where ``mx_dequant_enabled``
+    said yes."""
+    global _MX_DEQUANT_KERNEL
+    if _MX_DEQUANT_KERNEL is None:
+        _MX_DEQUANT_KERNEL = mx.fast.cuda_kernel(
+            name="dsv4_mx_dequantize",
+            input_names=["w", "scales"],
+            output_names=["out"],
+            source=_MX_DEQUANT_SOURCE,
+        )
+    shape = (*w.shape[:-1], w.shape[-1] * 32 // bits)
+    (out,) = _MX_DEQUANT_KERNEL(
+        inputs=[w, scales],
+        template=[("T", dtype), ("BITS", bits)],
+        grid=(w.size, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[shape],
+        output_dtypes=[dtype],
+    )
+    return out

@@ -1264,16 +1264,21 @@ def linear(layer, x):
     rows = x.size // x.shape[-1] // (weight.shape[0] if weight.ndim == 3 else 1)
     if threshold is None or rows < threshold:
         return layer(x)
-    w = mx.dequantize(
-        weight,
-        layer["scales"],
-        layer.get("biases"),
-        layer.group_size,
-        layer.bits,
-        mode=layer.mode,
-        dtype=x.dtype,
-    )
+    w = dequantize(layer, weight, layer["scales"], layer.get("biases"), x.dtype)
     return x @ w.swapaxes(-1, -2)
+
+
+def dequantize(layer, weight, scales, biases, dtype):
+    """``weight`` of the quantized ``layer`` (or a slice of it, with its ``scales`` and
+    ``biases``) in ``dtype``: through a CUDA kernel of kernels.py where one applies
+    (affine, mxfp4 and mxfp8; ``MLX_ARCH_PLUGINS_FUSED=0`` turns them off), else
+    ``mx.dequantize``. Bit for bit the same either way."""
+    mode, bits, group = layer.mode, layer.bits, layer.group_size
+    if _kernels.dequant_enabled(mode, bits, dtype, biases):
+        return _kernels.affine_dequantize(weight, scales, biases, group, bits, dtype)
+    if biases is None and _kernels.mx_dequant_enabled(mode, bits, group, dtype):
+        return _kernels.mx_dequantize(weight, scales, bits, dtype)
+    return mx.dequantize(weight, scales, biases, group, bits, mode=mode, dtype=dtype)
 
 
 def _dequantizable(layer) -> bool:
@@ -1333,14 +1338,12 @@ def _tiles_matmul(layer, xs, plan: _ExpertTiles, dtype):
         t0, t1 = int(plan.first_tile[e0]), int(plan.first_tile[e1])
         if t1 == t0:
             continue
-        w = mx.dequantize(
+        w = dequantize(
+            layer,
             layer["weight"][e0:e1],
             layer["scales"][e0:e1],
             None if biases is None else biases[e0:e1],
-            layer.group_size,
-            layer.bits,
-            mode=layer.mode,
-            dtype=dtype,
+            dtype,
         )
         local = mx.array((plan.expert[t0:t1] - e0).astype(np.uint32))
         outs.append(mx.gather_mm(xs[t0:t1], w.swapaxes(-1, -2), rhs_indices=local))
@@ -1358,11 +1361,16 @@ class SwitchClippedGLU(nn.Module):
         self.down_proj = _SwitchLinear(hidden, dims, n_experts, bias=False)
         self.limit = limit
 
-    def __call__(self, x, indices, weights):
+    def tiled(self, indices) -> bool:
+        """Whether ``indices`` take the dequantized path in tiles (which reads the
+        routing on the host)."""
         threshold = None
         if _dequantizable(self.gate_proj):
             threshold = _dequant_rows(getattr(self.gate_proj, "mode", "affine"))
-        if threshold is not None and indices.size >= max(64, threshold):
+        return threshold is not None and indices.size >= max(64, threshold)
+
+    def __call__(self, x, indices, weights):
+        if self.tiled(indices):
             return self._tiled(x, indices, weights)
         x = mx.expand_dims(x, (-2, -3))
         do_sort = indices.size >= 64
@@ -1397,7 +1405,8 @@ class SwitchClippedGLU(nn.Module):
         )
         dtype = mx.float32 if mx.default_device() == mx.cpu else x.dtype  # CPU gather_mm: fp32
         row = mx.array(plan.row)
-        xs = x.reshape(-1, dims)[row // k].astype(dtype).reshape(-1, plan.rows, dims)
+        xs = take_rows(x.reshape(-1, dims), row // k).astype(dtype)
+        xs = xs.reshape(-1, plan.rows, dims)
         w = weights.reshape(-1)[row].reshape(-1, plan.rows, 1)
         h = _weighted_swiglu_tiles(
             _tiles_matmul(self.gate_proj, xs, plan, dtype),
@@ -1406,7 +1415,8 @@ class SwitchClippedGLU(nn.Module):
             self.limit,
         )
         y = _tiles_matmul(self.down_proj, h, plan, dtype).reshape(-1, dims)
-        return y[mx.array(plan.back)].astype(x.dtype).reshape(*indices.shape, dims)
+        y = take_rows(y, mx.array(plan.back))
+        return y.astype(x.dtype).reshape(*indices.shape, dims)
 
 
 class SharedExpert(nn.Module):
@@ -1447,6 +1457,10 @@ def _moe_partial_sum(routed, shared):
     return _experts_sum_f32(routed) + shared.astype(mx.float32)
 
 
+def _overlap_enabled() -> bool:
+    return os.environ.get("MLX_ARCH_PLUGINS_OVERLAP", "1") != "0"
+
+
 class DeepseekV4MoE(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -1469,7 +1483,12 @@ class DeepseekV4MoE(nn.Module):
         routed = self.switch_mlp(x, inds, weights)
         shared = self.shared_experts(x)
         if self.sharding_group is None:
-            return _moe_sum(routed, shared)
+            y = _moe_sum(routed, shared)
+            if self.switch_mlp.tiled(inds) and _overlap_enabled():
+                # the tiled path waited for the routing; start this layer's experts
+                # now, so the GPU runs them while the host builds the next layer
+                mx.async_eval(y)
+            return y
         # partial sums over expert widths, added in float32
         y = mx.distributed.all_sum(_moe_partial_sum(routed, shared), group=self.sharding_group)
         return y.astype(x.dtype)
