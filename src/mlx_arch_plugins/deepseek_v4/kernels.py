@@ -115,11 +115,12 @@ def sinkhorn_split(mixes, scale, base, hc: int, iters: int, eps: float):
 
 
 # ``affine_dequantize``: MLX's CUDA kernel gives each thread one byte of packed
-# weights (two 4-bit values, a 4-byte store); on the H200 it moved ~2.1 TB/s, and the
-# prefill's expert and dense weights are dequantized every chunk (3.2 ms of a
-# 2048-token chunk's layer; benchmarks/RESULTS.md, eleventh session). Here each thread
-# unpacks one 32-bit word and stores its values with one or two 16-byte writes. The
-# arithmetic is MLX's, in the output type: scale * q, rounded, plus bias, rounded.
+# weights (two 4-bit values, a 4-byte store), and the prefill dequantizes its expert and
+# dense weights every chunk (3.2 ms of a 2048-token chunk's layer on the H200). Here each
+# thread unpacks one 32-bit word and stores its values with one or two 16-byte writes:
+# 2.6 TB/s against 1.0 for a chunk of Flash's experts (benchmarks/RESULTS.md, twelfth
+# session; more words per thread were slower). The arithmetic is MLX's, in the output
+# type: scale * q, rounded, plus bias, rounded.
 _DEQUANT_SOURCE = """
     size_t words = 1;
     for (int d = 0; d < w_ndim; ++d) words *= w_shape[d];
