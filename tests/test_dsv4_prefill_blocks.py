@@ -155,3 +155,35 @@ def test_take_rows_equals_indexing(dtype, width):
     got = take_rows(rows, pick)
     assert got.dtype == dtype and got.shape == (3, 4, 7, width)
     assert mx.array_equal(got, rows[pick.reshape(-1)].reshape(3, 4, 7, width)).item()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_dense_key_alignment_changes_no_bit(case, chunk, monkeypatch):
+    """The dense branches take earlier (masked) window rows, else masked zero rows, so a
+    block's keys are a multiple of ``_KEY_ALIGN``; on the CPU the logits keep every bit.
+    Small blocks (decode, verify) are left as they are."""
+    import mlx_arch_plugins.deepseek_v4.model as dsv4
+
+    widths = []
+    real = mx.fast.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        widths.append(k.shape[-2])
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(dsv4, "_ALIGN_QUERIES", 1)
+    monkeypatch.setattr(dsv4, "_KEY_ALIGN", 1)
+    plain = _prefill(case, 1 << 40, chunk, monkeypatch)
+    assert any(w % 16 for w in widths)  # otherwise this case shows nothing
+    widths.clear()
+    monkeypatch.setattr(dsv4, "_KEY_ALIGN", 16)
+    aligned = _prefill(case, 1 << 40, chunk, monkeypatch)
+    assert widths and all(w % 16 == 0 for w in widths)
+    assert np.array_equal(plain, aligned)
+    widths.clear()
+    monkeypatch.setattr(dsv4, "_ALIGN_QUERIES", 1 << 20)  # every block below it
+    small = _prefill(case, 1 << 40, chunk, monkeypatch)
+    assert any(w % 16 for w in widths)
+    assert np.array_equal(plain, small)

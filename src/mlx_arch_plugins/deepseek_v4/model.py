@@ -979,6 +979,11 @@ class DeepseekV4Attention(nn.Module):
         for a in range(0, L, bq):
             n = min(bq, L - a)
             lo, hi = max(0, a + W0 - win + 1), a + n + W0  # window rows seen by the block
+            # at prefill sizes, keys in a multiple of _KEY_ALIGN (aligned products, as
+            # in the sparse branch): earlier rows, which the mask hides from every query
+            # of the block, and where there are none, masked zero rows
+            pad = -(hi - lo + N) % _KEY_ALIGN if n >= _ALIGN_QUERIES else 0
+            lo, zeros = max(0, lo - pad), max(0, pad - lo)
             kpos = mx.arange(T - W0 + lo, T - W0 + hi)
             qpos = mx.arange(T + a, T + a + n)
             mask = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - win)
@@ -987,6 +992,9 @@ class DeepseekV4Attention(nn.Module):
                 seen = mx.arange(N)[None] < ((qpos + 1) // m)[:, None]
                 kk = mx.concatenate([kk, comp], 1)
                 mask = mx.concatenate([mask, seen], 1)
+            if zeros:
+                kk = mx.concatenate([kk, mx.zeros((B, zeros, hd), kk.dtype)], 1)
+                mask = mx.concatenate([mask, mx.zeros((n, zeros), mx.bool_)], 1)
             mask = mx.broadcast_to(mask, (B, n, kk.shape[1]))[:, None]
             qq = q[:, :, a : a + n] if n < L else q
             outs.append(
@@ -1049,6 +1057,7 @@ class DeepseekV4Attention(nn.Module):
 # rows): with rows of an odd length (641) the H200 ran the attention's two products
 # with cuBLAS's unaligned kernels (benchmarks/RESULTS.md, eleventh session).
 _KEY_ALIGN = 8
+_ALIGN_QUERIES = 64  # dense branch: blocks of fewer queries (decode, verify) are not padded
 
 
 def _aligned_keys(width: int) -> int:
