@@ -5,6 +5,13 @@ that 43 layers fit one GPU), then alternates the two expert paths
 (``MLX_ARCH_PLUGINS_DEQUANT_ROWS=0`` forces gather_qmm; unset, the model's per-backend
 threshold decides) over mlx-lm's chunked prefill, one JSON line per run.
 
+Before the runs, per context, the bf16 matmul floor (issue 16's goal: a prefill within
+2x of it): every weight's product over the prompt's chunks, as plain half-precision
+matmuls in the same process (the routed experts as one matmul of all routed rows, as if
+perfectly grouped; attention scores and the hyper-connections' small mixes are not
+counted), one ``matmul_floor`` line; each run then prints ``over_floor``. ``--no-floor``
+skips it.
+
     python benchmarks/prefill_ab.py --format affine4 --contexts 4096,32768
 """
 
@@ -25,7 +32,67 @@ import perf  # noqa: E402
 SWITCH = "MLX_ARCH_PLUGINS_DEQUANT_ROWS"
 
 
-def run(model, vocab, T, mode, fmt, step, weights):
+def layer_products(layer, rows: int, top_k: int):
+    """(groups, rows, in, out) of every weight's product in ``layer`` over a chunk of
+    ``rows`` tokens: the routed experts' as all routed rows through one matrix."""
+    products = []
+    for name, module in layer.named_modules():
+        if "weight" not in module or module["weight"].ndim == 1:
+            continue
+        w = module["weight"]
+        bits = getattr(module, "bits", None)
+        cols = w.shape[-1] * 32 // bits if bits else w.shape[-1]
+        if ".switch_mlp." in f".{name}.":
+            products.append((1, rows * top_k, cols, w.shape[-2]))
+        elif w.ndim == 3:  # one matrix per group (MultiLinear)
+            products.append((w.shape[0], rows, cols, w.shape[-2]))
+        else:
+            products.append((1, rows, cols, w.shape[0]))
+    return tuple(products)
+
+
+def time_products(products, runs=5):
+    """Median seconds of all ``products`` as half-precision matmuls (float32 on the
+    CPU), evaluated together."""
+    dt = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    weights, inputs = {}, {}
+    for g, r, i, o in products:
+        if (g, i, o) not in weights:
+            weights[(g, i, o)] = (mx.random.normal((g, o, i)) * 0.02).astype(dt)
+        if (g, r, i) not in inputs:
+            inputs[(g, r, i)] = mx.random.normal((g, r, i)).astype(dt)
+    mx.eval(list(weights.values()), list(inputs.values()))
+    pairs = [(inputs[(g, r, i)], weights[(g, i, o)]) for g, r, i, o in products]
+
+    def products_once():
+        mx.eval([x @ w.swapaxes(-1, -2) for x, w in pairs])
+
+    products_once()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        products_once()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_floor(model, T, step, top_k):
+    """Seconds of the floor for a ``T``-token prompt prefilled ``step`` tokens at a time:
+    each layer's products timed once per distinct set of shapes."""
+    chunks = [step] * (T // step) + ([T % step] if T % step else [])
+    timed, total = {}, 0.0
+    for rows in chunks:
+        for layer in model.layers:
+            products = layer_products(layer, rows, top_k)
+            if products not in timed:
+                timed[products] = time_products(products)
+            total += timed[products]
+    mx.clear_cache()
+    return total
+
+
+def run(model, vocab, T, mode, fmt, step, weights, floor=None):
     if mode == "qmm":
         os.environ[SWITCH] = "0"
     else:
@@ -52,6 +119,8 @@ def run(model, vocab, T, mode, fmt, step, weights):
         # activations, buffers queued on the device and the allocator's reuse cache
         beyond_weights_kv_gb=round((peak - weights - kv) / 1e9, 2),
     )
+    if floor:
+        rec["over_floor"] = round(dt / floor, 2)
     print(json.dumps(rec), flush=True)
     del cache
     gc.collect()
@@ -77,6 +146,7 @@ def main(argv=None):
         default="qmm,chunked",
         help="expert paths to run (chunked alone: time the rest of the model)",
     )
+    p.add_argument("--no-floor", action="store_true", help="skip the bf16 matmul floor")
     o = p.parse_args(argv)
     wanted = [m for m in o.modes.split(",") if m]
     shapes = perf.FLASH if o.width == "flash" else perf.SMALL
@@ -97,10 +167,19 @@ def main(argv=None):
     )
     for mode in wanted:  # warm each path (kernel compilation)
         run(model, args.vocab_size, 512, mode, o.format, o.step, weights)
+    top_k = args.num_experts_per_tok
+    floors = {}
     for T in [int(x) for x in o.contexts.split(",") if x]:
+        if not o.no_floor and T not in floors:
+            t0 = time.perf_counter()
+            floors[T] = matmul_floor(model, T, o.step, top_k)
+            rec = dict(bench="matmul_floor", tokens=T, s=round(floors[T], 3))
+            rec["tok_s"] = round(T / floors[T], 1)
+            rec["measured_in_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(rec), flush=True)
         modes = 2 * wanted if T <= o.ab_up_to else ["chunked"]
         for mode in modes:
-            run(model, args.vocab_size, T, mode, o.format, o.step, weights)
+            run(model, args.vocab_size, T, mode, o.format, o.step, weights, floors.get(T))
 
 
 if __name__ == "__main__":
