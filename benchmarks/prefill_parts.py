@@ -177,7 +177,11 @@ def index_parts(row, attn, proj, cache, L):
     from mlx_arch_plugins.deepseek_v4.model import topk_indices
 
     ix, T, N = attn.indexer, cache.offset, cache.n_comp
-    bq = attn._sparse_block(L, N)
+    if hasattr(attn, "_index_block"):
+        iq = ix.queries(proj["iq"], T)
+        bq = attn._index_block(L, N, getattr(ix, "fused", lambda *a: False)(iq, cache.index))
+    else:  # a tree before the thirteenth session: one bound for both of the branch's loops
+        bq = attn._sparse_block(L, N)
     keys = cache.index
 
     def blocks(topk):

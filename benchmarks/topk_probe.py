@@ -7,7 +7,8 @@ the model takes each chunk's top k, then the top k of those candidates (same
 set). This times both on the shapes the model uses and checks the sets agree:
 
 * decode: [B, n] for B = 1 and 8 (one query per sequence);
-* prefill: [1, q, n], q = the query block ``_sparse`` uses at that n.
+* prefill: [1, q, n], q = the query block of the indexer at that n (without the CUDA
+  kernel), or each of ``--prefill-rows``.
 
     python benchmarks/topk_probe.py                         # 128K context
     python benchmarks/topk_probe.py --contexts 131072,1048576 --chunks 1024,2048,4096,8192
@@ -30,10 +31,9 @@ FLASH = {"window": 128, "head_dim": 512, "index_heads": 64}
 
 
 def prefill_rows(n, k):
-    """Queries per block of DeepseekV4Attention._sparse at Flash sizes
-    (``_sparse_block``'s bounds)."""
-    keys = _Attention._BLOCK_ELEMS // ((FLASH["window"] + k) * FLASH["head_dim"])
-    return max(1, min(keys, _Attention._INDEX_BLOCK_ELEMS // (FLASH["index_heads"] * n)))
+    """Queries per block of the indexer's scores at Flash sizes (``_index_block``'s
+    bound; ``k`` is unused since the attention's blocks became their own)."""
+    return max(1, _Attention._INDEX_BLOCK_ELEMS // (FLASH["index_heads"] * n))
 
 
 def time_ms(fn, runs, warm):
@@ -61,6 +61,7 @@ def main(argv=None):
     p.add_argument("--ratio", type=int, default=4)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warm", type=int, default=5)
+    p.add_argument("--prefill-rows", default="", help="query blocks to time (comma list)")
     args = p.parse_args(argv)
     k = args.k
     print(f"# device {mx.default_device()}, mlx {mx.__version__}")
@@ -68,7 +69,8 @@ def main(argv=None):
     for ctx in (int(c) for c in args.contexts.split(",")):
         n = ctx // args.ratio
         shapes = {"decode B=1": (1, n), "decode B=8": (8, n)}
-        shapes[f"prefill q={prefill_rows(n, k)}"] = (1, prefill_rows(n, k), n)
+        for q in [int(v) for v in args.prefill_rows.split(",") if v] or [prefill_rows(n, k)]:
+            shapes[f"prefill q={q}"] = (1, q, n)
         for name, shape in shapes.items():
             score = mx.random.normal(shape, key=mx.random.key(0))
             mx.eval(score)

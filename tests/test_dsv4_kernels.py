@@ -1,6 +1,7 @@
 """The optional CUDA kernels of deepseek_v4/kernels.py against what they replace: the
 hyper-connection Sinkhorn against the mx.compile path, the dequantize kernels (affine,
-mxfp4, mxfp8) against ``mx.dequantize``, bit for bit.
+mxfp4, mxfp8) against ``mx.dequantize``, bit for bit, and the indexer's fused scores
+against the portable matmul and head sum.
 
 Runs only where MLX's CUDA backend is available (the H200 device machine:
 `PYTHONPATH=src python3 -m pytest tests/test_dsv4_kernels.py`, or `python3
@@ -10,6 +11,7 @@ elsewhere the kernel is never used and the test is skipped.
 """
 
 import mlx.core as mx
+import numpy as np
 
 try:
     import pytest
@@ -143,6 +145,41 @@ def check_dequantize_slice():
     assert mx.array_equal(got.view(mx.uint16), want.view(mx.uint16)).item()
 
 
+def _portable_scores(q, w, keys):
+    dots = q @ keys[:, None].swapaxes(-1, -2)
+    return dsv4._relu_weighted_sum(dots, w[..., None])
+
+
+def check_indexer():
+    """Same bf16-rounded products, relu and weights; only the order of the float32 sums
+    differs (and, rarely, a product's rounding when the two accumulations straddle a
+    bf16 tie). Odd key counts, query counts off the kernel's tiles, a batch of two."""
+    shapes = [(1, 32, 64, 128, 4096), (2, 9, 64, 128, 77), (1, 130, 16, 32, 1000)]
+    shapes += [(1, 8, 64, 128, 8), (1, 64, 64, 128, 32768)]
+    for seed, (B, L, H, D, N) in enumerate(shapes):
+        mx.random.seed(seed)
+        q = mx.random.normal((B, L, H, D)).astype(mx.bfloat16)
+        keys = mx.random.normal((B, N, D)).astype(mx.bfloat16)
+        w = mx.random.normal((B, L, H)) * (D * H) ** -0.5
+        assert kern.indexer_kernel_enabled(q, keys)
+        want = _portable_scores(q, w, keys)
+        got = kern.indexer_scores(q, w, keys)
+        assert got.shape == want.shape == (B, L, N) and got.dtype == mx.float32
+        staged = kern.indexer_scores(q, w, keys, stage=32)  # the same sums, keys via smem
+        assert mx.array_equal(staged, got).item(), "staged keys changed the scores"
+        scale = mx.abs(want).max().item()
+        worst = mx.abs(got - want).max().item() / scale
+        mean = mx.abs(got - want).mean().item() / scale
+        assert worst < 4e-3 and mean < 1e-4, ((B, L, H, D, N), worst, mean)
+        if N >= 1024:  # the indexer's use: the same top entries
+            k = 512
+            top_w = np.array(mx.argpartition(-want, kth=k - 1, axis=-1)[..., :k])
+            top_g = np.array(mx.argpartition(-got, kth=k - 1, axis=-1)[..., :k])
+            rows = zip(top_w.reshape(-1, k), top_g.reshape(-1, k))
+            same = np.mean([len(np.intersect1d(a, b)) / k for a, b in rows])
+            assert same > 0.97, ((B, L, H, D, N), same)
+
+
 if pytest is not None:
     needs_cuda = pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend")
 
@@ -166,6 +203,10 @@ if pytest is not None:
     def test_dequantize_kernel_on_a_slice_of_experts():
         check_dequantize_slice()
 
+    @needs_cuda
+    def test_indexer_kernel_matches_portable_scores():
+        check_indexer()
+
 
 if __name__ == "__main__":
     if not _cuda():
@@ -179,3 +220,5 @@ if __name__ == "__main__":
     print("PASS dequantize kernel")
     check_mx_dequantize()
     print("PASS mx dequantize kernel")
+    check_indexer()
+    print("PASS indexer kernel")

@@ -43,13 +43,13 @@ def test_indexer_block_size_changes_no_bit(chunk, monkeypatch):
     gives the logits of one block for the whole prompt."""
     case = "a_swa_csa_hash_mtp"
     sizes = []
-    real = DeepseekV4Attention._sparse_block
+    real = DeepseekV4Attention._index_block
 
-    def spy(self, L, N):
-        sizes.append(real(self, L, N))
+    def spy(self, L, N, fused=False):
+        sizes.append(real(self, L, N, fused))
         return sizes[-1]
 
-    monkeypatch.setattr(DeepseekV4Attention, "_sparse_block", spy)
+    monkeypatch.setattr(DeepseekV4Attention, "_index_block", spy)
     monkeypatch.setattr(DeepseekV4Attention, "_INDEX_BLOCK_ELEMS", 1 << 40)
     whole = _prefill(case, 1 << 40, chunk, monkeypatch)
     assert sizes and max(sizes) > 1, "the indexer never selected"
@@ -187,3 +187,57 @@ def test_dense_key_alignment_changes_no_bit(case, chunk, monkeypatch):
     small = _prefill(case, 1 << 40, chunk, monkeypatch)
     assert any(w % 16 for w in widths)
     assert np.array_equal(plain, small)
+
+
+def test_indexer_kernel_guard(monkeypatch):
+    """The CUDA indexer kernel is off on this CPU; on CUDA it takes bf16 queries and
+    keys with heads and head dim in multiples of 16 (the mma tile), nothing else."""
+    from mlx_arch_plugins.deepseek_v4 import kernels
+
+    q = mx.zeros((1, 16, 64, 128), mx.bfloat16)
+    keys = mx.zeros((1, 100, 128), mx.bfloat16)
+    assert not kernels.indexer_kernel_enabled(q, keys)
+    monkeypatch.setattr(kernels, "cuda_enabled", lambda: True)
+    assert kernels.indexer_kernel_enabled(q, keys)
+    assert not kernels.indexer_kernel_enabled(q.astype(mx.float32), keys)
+    assert not kernels.indexer_kernel_enabled(q, keys.astype(mx.float16))
+    assert not kernels.indexer_kernel_enabled(mx.zeros((1, 16, 12, 128), mx.bfloat16), keys)
+    assert not kernels.indexer_kernel_enabled(q[..., :40], keys[..., :40])
+    assert not kernels.indexer_kernel_enabled(mx.zeros((1, 16, 128, 128), mx.bfloat16), keys)
+    assert not kernels.indexer_kernel_enabled(q, keys[:, :0])
+
+
+def test_indexer_kernel_takes_prefill_blocks_only(monkeypatch):
+    """With the kernel enabled (here a stand-in computing the portable scores), the
+    indexer hands it blocks of >= FUSED_INDEX_QUERIES queries, its blocks are bounded by
+    the [n, N] scores alone (larger), and the logits do not change by a bit."""
+    import mlx_arch_plugins.deepseek_v4.model as dsv4
+
+    case = "a_swa_csa_hash_mtp"
+    plain = _prefill(case, 1 << 40, None, monkeypatch)
+    calls, blocks = [], []
+
+    def stand_in(q, w, keys):
+        calls.append(q.shape[1])
+        return dsv4._relu_weighted_sum(q @ keys[:, None].swapaxes(-1, -2), w[..., None])
+
+    real_block = DeepseekV4Attention._index_block
+
+    def block_spy(self, L, N, fused=False):
+        blocks.append((real_block(self, L, N, fused), real_block(self, L, N, False)))
+        return blocks[-1][0]
+
+    monkeypatch.setattr(dsv4._kernels, "indexer_kernel_enabled", lambda q, keys: True)
+    monkeypatch.setattr(dsv4._kernels, "indexer_scores", stand_in)
+    monkeypatch.setattr(DeepseekV4Attention, "_index_block", block_spy)
+    monkeypatch.setattr(DeepseekV4Attention, "_INDEX_BLOCK_ELEMS", 64 * 16)
+    fused = _prefill(case, 1 << 40, None, monkeypatch)
+    assert calls and min(calls) >= dsv4.FUSED_INDEX_QUERIES
+    assert any(got > without for got, without in blocks)
+    assert np.array_equal(plain, fused)
+    # decode and verify blocks (fewer queries) keep the portable sum
+    indexer = next(x.attn.indexer for x in load_case(case).layers if x.attn.ratio == 4)
+    keys = mx.zeros((1, 20, indexer.head_dim))
+    for L in (1, dsv4.FUSED_INDEX_QUERIES - 1, dsv4.FUSED_INDEX_QUERIES):
+        q = mx.zeros((1, L, indexer.n_heads, indexer.head_dim))
+        assert indexer.fused(q, keys) == (L >= dsv4.FUSED_INDEX_QUERIES)

@@ -4,7 +4,8 @@
 Sinkhorn-normalised comb matrix) in one kernel, one thread per token, instead of ~80
 small kernels; the arithmetic is the mx.compile path's, step for step (sums in the same
 order). ``affine_dequantize`` and ``mx_dequantize`` (prefill): weights dequantized bit
-for bit as ``mx.dequantize`` does, with wider stores.
+for bit as ``mx.dequantize`` does, with wider stores. ``indexer_scores`` (prefill): the
+CSA indexer's scores on tensor cores, without writing out the per-head products.
 
 Only used on MLX's CUDA backend (tested there by tests/test_dsv4_kernels.py); every
 other backend, and CUDA with ``MLX_ARCH_PLUGINS_FUSED=0``, takes the portable path in
@@ -283,5 +284,196 @@ def mx_dequantize(w, scales, bits: int, dtype):
         threadgroup=(256, 1, 1),
         output_shapes=[shape],
         output_dtypes=[dtype],
+    )
+    return out
+
+
+# ``indexer_scores`` (prefill): the CSA indexer's score[b, t, n] = sum_h w[b,t,h] *
+# relu(q[b,t,h] . keys[b,n]) in one kernel. The portable form (a bf16 matmul, then a
+# compiled cast / relu / product and a reduction over heads) moves the [t, h, n] products
+# through memory three times, in bf16 and twice in float32: 26 ms per 2048-token chunk
+# of a CSA layer at 128K context on the H200 (benchmarks/RESULTS.md, ninth and
+# thirteenth sessions), and MLX fuses no elementwise work into a reduction. Here the
+# products stay in registers: one warp takes 16 heads of QW queries and runs tensor-core
+# mma (m16n8k16, bf16 in, float32 accumulation) over the head dimension for 8 keys at a
+# time; each product is rounded to bf16 as the matmul's output is, then relu, times its
+# head's weight, summed over the warp's heads by shuffles and over the block's warps in
+# shared memory. Same terms as the portable path, summed in another order. A 2048-query
+# block over 32K entries: 5.2 ms against 25.9 for the portable form (indexer_probe.py).
+_INDEXER_SOURCE = """
+    constexpr int HT = HEADS / 16;
+    constexpr int KS = DIM / 16;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int tig = lane & 3;
+    const int L = q_shape[1];
+    const int N = keys_shape[1];
+    const int key0 = blockIdx.x * KT;
+    const int t0 = blockIdx.y * QW;
+    const int b = blockIdx.z;
+    __shared__ float part[QW][HT][KT];
+    const unsigned int* q32 = reinterpret_cast<const unsigned int*>(q);
+    const unsigned int* k32 = reinterpret_cast<const unsigned int*>(keys);
+    unsigned int a[QW][KS][4];
+    float w_lo[QW], w_hi[QW];
+#pragma unroll
+    for (int i = 0; i < QW; ++i) {
+        const int t = min(t0 + i, L - 1);  // queries past L compute a copy, never written
+        const size_t head = (size_t)(b * L + t) * HEADS + warp * 16 + g;
+        const size_t word = head * (DIM / 2) + tig;
+#pragma unroll
+        for (int s = 0; s < KS; ++s) {
+            a[i][s][0] = q32[word + s * 8];
+            a[i][s][1] = q32[word + s * 8 + 4 * DIM];
+            a[i][s][2] = q32[word + s * 8 + 4];
+            a[i][s][3] = q32[word + s * 8 + 4 * DIM + 4];
+        }
+        w_lo[i] = w[head];
+        w_hi[i] = w[head + 8];
+    }
+    // keys in stages of STAGE: with STAGED, copied to shared memory by the whole block
+    // in 16-byte loads (rows padded by 4 words, so a warp's fragment reads hit 32
+    // banks); without, each warp reads its fragments from global memory
+    constexpr int ROW = DIM / 2 + 4;
+    __shared__ uint4 staged4[STAGED ? STAGE * ROW / 4 : 1];
+    const unsigned int* staged = reinterpret_cast<const unsigned int*>(staged4);
+    for (int k0 = 0; k0 < KT; k0 += STAGE) {
+        if constexpr (STAGED) {
+            __syncthreads();
+            for (int v = threadIdx.x; v < STAGE * DIM / 8; v += blockDim.x) {
+                const int r = v / (DIM / 8);
+                const int n = min(key0 + k0 + r, N - 1);
+                const uint4* src = reinterpret_cast<const uint4*>(keys);
+                staged4[r * ROW / 4 + v % (DIM / 8)] = src[((size_t)b * N + n) * (DIM / 8) + v % (DIM / 8)];
+            }
+            __syncthreads();
+        }
+        for (int nt = 0; nt < STAGE / 8; ++nt) {
+            unsigned int bk[KS][2];
+            if constexpr (STAGED) {
+                const unsigned int* kr = staged + (nt * 8 + g) * ROW + tig;
+#pragma unroll
+                for (int s = 0; s < KS; ++s) {
+                    bk[s][0] = kr[s * 8];
+                    bk[s][1] = kr[s * 8 + 4];
+                }
+            } else {
+                const int n = min(key0 + k0 + nt * 8 + g, N - 1);
+                const size_t kword = ((size_t)b * N + n) * (DIM / 2) + tig;
+#pragma unroll
+                for (int s = 0; s < KS; ++s) {
+                    bk[s][0] = k32[kword + s * 8];
+                    bk[s][1] = k32[kword + s * 8 + 4];
+                }
+            }
+            const int col = k0 + nt * 8 + tig * 2;
+#pragma unroll
+            for (int i = 0; i < QW; ++i) {
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int s = 0; s < KS; ++s) {
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
+                        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                        : "r"(a[i][s][0]), "r"(a[i][s][1]), "r"(a[i][s][2]), "r"(a[i][s][3]),
+                          "r"(bk[s][0]), "r"(bk[s][1]));
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    // round to bf16 (nearest even), as the portable matmul's output is
+                    unsigned int u = __float_as_uint(c[j]);
+                    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+                    c[j] = fmaxf(__uint_as_float(u), 0.f);
+                }
+                float v0 = w_lo[i] * c[0] + w_hi[i] * c[2];
+                float v1 = w_lo[i] * c[1] + w_hi[i] * c[3];
+#pragma unroll
+                for (int m = 4; m < 32; m <<= 1) {
+                    v0 += __shfl_xor_sync(0xffffffffu, v0, m);
+                    v1 += __shfl_xor_sync(0xffffffffu, v1, m);
+                }
+                if (g == 0) {
+                    part[i][warp][col] = v0;
+                    part[i][warp][col + 1] = v1;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < QW * KT; idx += blockDim.x) {
+        const int i = idx / KT;
+        const int kk = idx % KT;
+        const int t = t0 + i;
+        const int n = key0 + kk;
+        if (t >= L || n >= N) continue;
+        float s = part[i][0][kk];
+        for (int h = 1; h < HT; ++h) s += part[i][h][kk];
+        out[(size_t)(b * L + t) * N + n] = s;
+    }
+"""
+
+_INDEXER_KERNEL = None
+# The tile measured fastest at 128K context (benchmarks/RESULTS.md, thirteenth session):
+# 256 keys per thread block, 4 queries per warp (2: 6.0 ms, 1: 20 ms), keys staged 64 at
+# a time in shared memory (fragments read from global memory instead, stage 0: 9.9 ms).
+INDEXER_KEYS_PER_BLOCK = 256
+INDEXER_QUERIES_PER_WARP = 4
+INDEXER_STAGE = 64
+
+
+def indexer_kernel_enabled(q, keys) -> bool:
+    """Whether ``indexer_scores`` takes these [B, L, H, D] queries and [B, N, D] keys:
+    bf16, heads and head dim in multiples of 16 (the mma's tile), at most DeepSeek-V4's
+    64 x 128 (the block's shared memory grows by 4 KB a head tile, a thread's registers
+    with D x queries per warp)."""
+    _, _, H, D = q.shape
+    return (
+        q.dtype == mx.bfloat16
+        and keys.dtype == mx.bfloat16
+        and H % 16 == 0
+        and D % 16 == 0
+        and H <= 64
+        and D <= 128
+        and keys.shape[1] > 0
+        and cuda_enabled()
+    )
+
+
+def indexer_scores(q, w, keys, keys_per_block=None, queries_per_warp=None, stage=None):
+    """score [B, L, N] float32 = sum_h w[b,t,h] relu(bf16(q[b,t,h] . keys[b,n])) for
+    bf16 ``q`` [B, L, H, D], float32 ``w`` [B, L, H] and bf16 ``keys`` [B, N, D]. Only
+    where ``indexer_kernel_enabled`` said yes."""
+    global _INDEXER_KERNEL
+    if _INDEXER_KERNEL is None:
+        _INDEXER_KERNEL = mx.fast.cuda_kernel(
+            name="dsv4_indexer_scores",
+            input_names=["q", "w", "keys"],
+            output_names=["out"],
+            source=_INDEXER_SOURCE,
+        )
+    kt = keys_per_block or INDEXER_KEYS_PER_BLOCK
+    qw = queries_per_warp or INDEXER_QUERIES_PER_WARP
+    stage = INDEXER_STAGE if stage is None else stage
+    if stage and (kt % stage or stage % 8):
+        raise ValueError(f"indexer_scores: stage {stage} must divide {kt} keys, in 8s")
+    B, L, H, D = q.shape
+    N = keys.shape[1]
+    threads = 32 * (H // 16)
+    (out,) = _INDEXER_KERNEL(
+        inputs=[q, w.astype(mx.float32), keys],
+        template=[
+            ("HEADS", H),
+            ("DIM", D),
+            ("KT", kt),
+            ("QW", qw),
+            ("STAGED", bool(stage)),
+            ("STAGE", stage or kt),
+        ],
+        grid=(-(-N // kt) * threads, -(-L // qw), B),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B, L, N)],
+        output_dtypes=[mx.float32],
     )
     return out

@@ -684,13 +684,24 @@ class Indexer(nn.Module):
         q = self._rope(q.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
         return self.rotate(q)
 
+    def fused(self, q, keys) -> bool:
+        """Whether ``scores`` takes the CUDA kernel for these queries and keys."""
+        return q.shape[1] >= FUSED_INDEX_QUERIES and _kernels.indexer_kernel_enabled(q, keys)
+
     def scores(self, q, w, keys):
         """score[b, t, k] = sum_h w[b,t,h] relu(q[b,t,h] . keys[b,k]), with
         w the ``weights_proj`` output."""
         w = w.astype(mx.float32)
         w = w * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        if self.fused(q, keys):
+            return _kernels.indexer_scores(q, w, keys)
         dots = q @ keys[:, None].swapaxes(-1, -2)  # [B, L, H, N]
         return _relu_weighted_sum(dots, w[..., None])
+
+
+# Blocks of at least this many queries (prefill) take the CUDA indexer kernel where it
+# is enabled; decode and verify keep the compiled portable sum.
+FUSED_INDEX_QUERIES = 8
 
 
 @functools.partial(mx.compile, shapeless=True)
@@ -948,14 +959,22 @@ class DeepseekV4Attention(nn.Module):
     # then float32 in the head sum). A trade, measured on the H200 at 128K context
     # (benchmarks/RESULTS.md, ninth session): 4x this bound made the CSA layer 11%
     # faster and the 43-layer prefill's peak 16 GB higher (likely because a GPU holds
-    # the buffers of every queued block until it has run it; the CPU does not).
+    # the buffers of every queued block until it has run it; the CPU does not). With
+    # the CUDA indexer kernel the bound is on the block's [n, N] float32 scores (a
+    # whole 2048-token chunk at 128K; the 43-layer peak fell 5 GB, thirteenth session).
     _INDEX_BLOCK_ELEMS = 1 << 26
 
-    def _sparse_block(self, L: int, N: int) -> int:
-        """Queries per block of the sparse branch, over ``N`` cached entries."""
+    def _sparse_block(self, L: int) -> int:
+        """Queries per block of the sparse branch's attention (each has its own keys)."""
         keys = self._BLOCK_ELEMS // ((self.window + self.indexer.topk) * self.head_dim)
-        index = self._INDEX_BLOCK_ELEMS // max(1, self.indexer.n_heads * N)
-        return max(1, min(L, keys, index))
+        return max(1, min(L, keys))
+
+    def _index_block(self, L: int, N: int, fused: bool = False) -> int:
+        """Queries per block of the indexer's scores over ``N`` cached entries. The
+        bound is on the [n, heads, N] products, or with the fused kernel (which keeps
+        them in registers) on the [n, N] scores."""
+        per_query = N if fused else self.indexer.n_heads * N
+        return max(1, min(L, self._INDEX_BLOCK_ELEMS // max(1, per_query)))
 
     def _query_block(self, L: int, width: int) -> int:
         """Queries per block when each query scores ``width`` keys in every head: at
@@ -1004,18 +1023,36 @@ class DeepseekV4Attention(nn.Module):
             )
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, 2)
 
+    def _select(self, proj, T, L, cache):
+        """The indexer's choice for queries at [T, T+L): [B, L, k] entry indices and
+        whether each entry was complete by then. In query blocks of their own: their
+        bound (the products over every entry) shrinks as the context grows, and the
+        attention's blocks need not shrink with it."""
+        k, m, N = self.indexer.topk, self.ratio, cache.n_comp
+        iq = self.indexer.queries(proj["iq"], T)  # [B, L, Hi, ihd]
+        bq = self._index_block(L, N, self.indexer.fused(iq, cache.index))
+        tops, oks = [], []
+        for a in range(0, L, bq):
+            n = min(bq, L - a)
+            complete = ((T + mx.arange(a, a + n) + 1) // m)[:, None]  # entries per query
+            seen = mx.arange(N)[None] < complete  # [n, N]
+            score = self.indexer.scores(iq[:, a : a + n], proj["iw"][:, a : a + n], cache.index)
+            top = topk_indices(mx.where(seen, score, -mx.inf), k)  # [B, n, k]
+            tops.append(top)
+            oks.append(top < complete)
+        return _joined(tops, 1), _joined(oks, 1)
+
     def _sparse(self, q, keys, W0, T, proj, cache, sinks):
         """CSA with the indexer's top-k: each query attends to its own window
         rows and its own chosen entries. Queries are processed in blocks and,
         within a block, each one as a batch row of a one-query SDPA."""
         B, H, L, hd = q.shape
-        win, k, m = self.window, self.indexer.topk, self.ratio
-        N = cache.n_comp
-        comp, index = cache.comp, cache.index
-        iq = self.indexer.queries(proj["iq"], T)  # [B, L, Hi, ihd]
+        win, k = self.window, self.indexer.topk
+        N, comp = cache.n_comp, cache.comp
+        top, ok_entries = self._select(proj, T, L, cache)
         span = win + k
         pad = _aligned_keys(span) - span - 1
-        bq = self._sparse_block(L, N)
+        bq = self._sparse_block(L)
         # every row a query may take, in one array: the window's keys, the entries,
         # then a zero row (the sink's key and value, and the padding's)
         nk = keys.shape[1]
@@ -1028,19 +1065,14 @@ class DeepseekV4Attention(nn.Module):
         for a in range(0, L, bq):
             n = min(bq, L - a)
             rows = mx.arange(a, a + n)
-            qpos = T + rows
-            seen = mx.arange(N)[None] < ((qpos + 1) // m)[:, None]  # [n, N]
-            score = self.indexer.scores(iq[:, a : a + n], proj["iw"][:, a : a + n], index)
-            score = mx.where(seen, score, -mx.inf)
-            top = topk_indices(score, k)  # [B, n, k]
-            ok_c = mx.take_along_axis(mx.broadcast_to(seen, (B, n, N)), top, axis=-1)
             # window rows of query t: key indices t-win+1 .. t (in `keys`)
             iw = (rows + W0 - win + 1)[:, None] + mx.arange(win)[None]  # [n, win]
             ok_w = mx.broadcast_to(iw >= 0, (B, n, win))
             zero = mx.full((B, n, 1 + pad), B * (nk + N), dtype=mx.int32)
-            pick = mx.concatenate([key_base + mx.maximum(iw, 0), entry_base + top, zero], 2)
+            chosen = top[:, a : a + n]
+            pick = mx.concatenate([key_base + mx.maximum(iw, 0), entry_base + chosen, zero], 2)
             kk = take_rows(rows_of, pick).reshape(B * n, 1, span + 1 + pad, hd)
-            ok = mx.concatenate([ok_w, ok_c], 2).reshape(B * n, 1, 1, span)
+            ok = mx.concatenate([ok_w, ok_entries[:, a : a + n]], 2).reshape(B * n, 1, 1, span)
             # the heads as the query axis of one KV head: each query's scores are one
             # [H, hd] x [hd, span] product that reads its keys once (as H queries
             # sharing one KV head, the unfused attention re-read them for every head:
@@ -1049,8 +1081,11 @@ class DeepseekV4Attention(nn.Module):
             bias = _sink_bias(ok, sinks, qq.dtype, pad)
             o = mx.fast.scaled_dot_product_attention(qq, kk, kk, scale=self.scale, mask=bias)
             outs.append(o.reshape(B, n, H, hd))
-        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, 1)
-        return o.transpose(0, 2, 1, 3)
+        return _joined(outs, 1).transpose(0, 2, 1, 3)
+
+
+def _joined(parts, axis):
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis)
 
 
 # Keys per query of the sparse branch are padded to a multiple of this (masked zero
