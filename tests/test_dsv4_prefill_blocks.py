@@ -190,14 +190,18 @@ def test_dense_key_alignment_changes_no_bit(case, chunk, monkeypatch):
 
 
 def test_indexer_kernel_guard(monkeypatch):
-    """The CUDA indexer kernel is off on this CPU; on CUDA it takes bf16 queries and
-    keys with heads and head dim in multiples of 16 (the mma tile), nothing else."""
+    """The CUDA indexer kernel is off on this CPU; on CUDA from sm_80 (bf16 mma) it
+    takes bf16 queries and keys with heads and head dim in multiples of 16 (the mma
+    tile) up to 64 x 128, nothing else."""
     from mlx_arch_plugins.deepseek_v4 import kernels
 
     q = mx.zeros((1, 16, 64, 128), mx.bfloat16)
     keys = mx.zeros((1, 100, 128), mx.bfloat16)
     assert not kernels.indexer_kernel_enabled(q, keys)
+    assert not kernels.bf16_mma_available()  # no compute capability on a CPU
     monkeypatch.setattr(kernels, "cuda_enabled", lambda: True)
+    assert not kernels.indexer_kernel_enabled(q, keys)  # a GPU before sm_80
+    monkeypatch.setattr(kernels, "bf16_mma_available", lambda: True)
     assert kernels.indexer_kernel_enabled(q, keys)
     assert not kernels.indexer_kernel_enabled(q.astype(mx.float32), keys)
     assert not kernels.indexer_kernel_enabled(q, keys.astype(mx.float16))

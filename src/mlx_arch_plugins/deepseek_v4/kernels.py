@@ -14,6 +14,7 @@ model.py.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import mlx.core as mx
@@ -438,7 +439,18 @@ def indexer_kernel_enabled(q, keys) -> bool:
         and D <= 128
         and keys.shape[1] > 0
         and cuda_enabled()
+        and bf16_mma_available()
     )
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_mma_available() -> bool:
+    """Whether the GPU has bf16 ``mma.sync`` (compute capability 8.0 and up); older ones
+    would fail to compile the indexer kernel."""
+    try:
+        return int(mx.device_info().get("compute_capability_major", 0)) >= 8
+    except Exception:
+        return False
 
 
 def indexer_scores(q, w, keys, keys_per_block=None, queries_per_warp=None, stage=None):
