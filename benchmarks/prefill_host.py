@@ -48,9 +48,10 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--context", type=int, default=0)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--format", choices=["official", "affine4"], default="affine4")
     a = p.parse_args(argv)
     model, _, args = perf.build_random(
-        a.width, 3, "affine4", "0,4,128", overrides={"n_routed_experts": a.experts}
+        a.width, 3, a.format, "0,4,128", overrides={"n_routed_experts": a.experts}
     )
     cache = perf.make_cache(model, 1)
     if a.context:
@@ -72,6 +73,7 @@ def main(argv=None):
         nodes, edges = perf.graph_nodes(arrays)
         row = dict(
             bench="prefill_host",
+            format=a.format,
             kind=layer.attn.ratio,
             context=a.context,
             tokens=a.chunk,

@@ -245,3 +245,31 @@ def test_indexer_kernel_takes_prefill_blocks_only(monkeypatch):
     for L in (1, dsv4.FUSED_INDEX_QUERIES - 1, dsv4.FUSED_INDEX_QUERIES):
         q = mx.zeros((1, L, indexer.n_heads, indexer.head_dim))
         assert indexer.fused(q, keys) == (L >= dsv4.FUSED_INDEX_QUERIES)
+
+
+def test_sinkhorn_kernel_is_one_variant_for_every_row_count(monkeypatch):
+    """MLX compiles each custom CUDA kernel variant (name and template values) with NVRTC
+    once per process and keeps none on disk (~1.4 s on the H200): the decode Sinkhorn
+    kernel's variant must not depend on the batch's row count, so that a new batch size
+    or verify length does not compile again. Checked with a stand-in for
+    ``mx.fast.cuda_kernel`` that records what each call would compile."""
+    from mlx_arch_plugins.deepseek_v4 import kernels
+
+    variants = []
+
+    def fake_cuda_kernel(name, input_names, output_names, source):
+        def launch(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            variants.append((name, source, tuple(template)))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+        return launch
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
+    monkeypatch.setattr(kernels, "_KERNEL", None)
+    hc = 4
+    scale, base = mx.ones((3,)), mx.zeros(((2 + hc) * hc,))
+    for rows in (1, 2, 3, 8, kernels.MAX_ROWS):
+        mixes = mx.zeros((rows, 1, (2 + hc) * hc))
+        pre, post, comb = kernels.sinkhorn_split(mixes, scale, base, hc, 20, 1e-6)
+        assert comb.shape == (rows, 1, hc, hc)
+    assert len(variants) == 5 and len(set(variants)) == 1

@@ -89,11 +89,33 @@ def test_threshold_table_is_per_backend_and_mode(monkeypatch):
     monkeypatch.delenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", raising=False)
     monkeypatch.setattr(dsv4, "_backend", lambda: "cuda")
     assert dsv4._dequant_rows("affine") == dsv4.DEQUANT_ROWS[("cuda", "affine")]
-    assert dsv4._dequant_rows("mxfp4") is None  # measured: gather_qmm is as fast
+    assert dsv4._dequant_rows("mxfp4") == dsv4.DEQUANT_ROWS[("cuda", "mxfp4")]
+    assert dsv4._dequant_rows("mxfp8") is None  # no routed experts in mxfp8 measured
     monkeypatch.setattr(dsv4, "_backend", lambda: "metal")
     assert dsv4._dequant_rows("affine") is None  # no measurement: stock kernels
+    assert dsv4._dequant_rows("mxfp4") is None
     monkeypatch.setenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", "7")
     assert dsv4._dequant_rows("mxfp4") == 7
+
+
+def test_official_experts_take_tiles_on_cuda_from_the_threshold(monkeypatch):
+    """The official format's mxfp4 experts: on MLX CUDA a prefill-sized chunk of routed
+    rows takes the tiled path, a decode step or a short prompt keeps gather_qmm; on
+    Metal and the CPU every size keeps it."""
+    monkeypatch.delenv("MLX_ARCH_PLUGINS_DEQUANT_ROWS", raising=False)
+    model = load_case(CASES[0], "fp8")
+    experts = model.layers[0].ffn.switch_mlp
+    assert experts.gate_proj.mode == "mxfp4"
+    k = model.args.num_experts_per_tok
+    threshold = dsv4.DEQUANT_ROWS[("cuda", "mxfp4")]
+    at, below = -(-threshold // k), threshold // k - 1  # tokens on either side
+    monkeypatch.setattr(dsv4, "_backend", lambda: "cuda")
+    assert experts.tiled(mx.zeros((1, at, k), mx.uint32))
+    assert not experts.tiled(mx.zeros((1, below, k), mx.uint32))
+    assert not experts.tiled(mx.zeros((8, 1, k), mx.uint32))  # a batch-8 decode step
+    for backend in ("metal", "cpu"):
+        monkeypatch.setattr(dsv4, "_backend", lambda backend=backend: backend)
+        assert not experts.tiled(mx.zeros((1, at, k), mx.uint32))
 
 
 def _quantized_pair(mode="affine"):

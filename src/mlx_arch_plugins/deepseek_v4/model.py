@@ -1254,11 +1254,13 @@ def _experts(layer, x, idx, sorted_indices):
 # (tokens x top-k) go through a layer, the experts are dequantized a chunk at a time.
 # Keyed by (backend, quantization mode); only measured pairs are listed
 # (benchmarks/RESULTS.md, "Prefill"): on the H200 affine 4-bit gather_qmm is 1.8x slower
-# at 1536 rows and 14x at 24576, but faster below 400; with mxfp4 experts gather_qmm was
-# as fast as the chunks at every size, and 43 layers prefilled faster on it than in tiles
-# (eleventh session). Metal and the CPU keep gather_qmm.
-# MLX_ARCH_PLUGINS_DEQUANT_ROWS overrides for every mode (0: never).
-DEQUANT_ROWS = {("cuda", "affine"): 1536}
+# at 1536 rows and 14x at 24576, but faster below 400; mxfp4 (the official format's
+# experts) breaks even at 1536 rows and is 1.55x slower at 12288, and 43 layers
+# prefilled 4K tokens 1.6x faster in tiles (fourteenth session; two earlier "tiled"
+# runs had in fact run gather_qmm, their benchmark having reset the switch). Metal and
+# the CPU keep gather_qmm. MLX_ARCH_PLUGINS_DEQUANT_ROWS overrides for every mode
+# (0: never).
+DEQUANT_ROWS = {("cuda", "affine"): 1536, ("cuda", "mxfp4"): 1536}
 _DEQUANT_CHUNK_BYTES = 256 << 20  # bound on one chunk's dequantized weights
 
 
