@@ -273,37 +273,3 @@ def test_sinkhorn_kernel_is_one_variant_for_every_row_count(monkeypatch):
         pre, post, comb = kernels.sinkhorn_split(mixes, scale, base, hc, 20, 1e-6)
         assert comb.shape == (rows, 1, hc, hc)
     assert len(variants) == 5 and len(set(variants)) == 1
-
-
-YARN = {"original_max_position_embeddings": 4096, "factor": 4.0, "beta_fast": 32, "beta_slow": 1}
-
-
-@pytest.mark.parametrize(
-    "shape, dtype",
-    [((1, 4, 100, 512), mx.bfloat16), ((2, 3, 70, 512), mx.float32), ((1, 130, 128), mx.bfloat16)],
-)
-def test_partial_rope_equals_the_whole_head_kernel(shape, dtype):
-    """At prefill sizes only the rotated dims go through mx.fast.rope; the result equals,
-    bit for bit, the one kernel over the whole head whose other pairs have infinite
-    wavelengths (queries, outputs, KV rows, and the indexer's 64 of 128 dims), for int
-    and per-sequence offsets, the inverse rotation and the compressor's stride."""
-    from mlx_arch_plugins.deepseek_v4 import model as dsv4
-
-    rope = dsv4.DeepseekV4RoPE(64, 10000.0, YARN)
-    assert shape[-2] >= dsv4.PARTIAL_ROPE_POSITIONS
-    mx.random.seed(1)
-    x = (mx.random.normal(shape) * 3).astype(dtype)
-    offsets = [0, 37, mx.array([5, 900])] if shape[0] == 2 else [0, 11]
-    for offset in offsets:
-        for inverse in (False, True):
-            for stride in (1, 4):
-                got = rope(x, offset, inverse=inverse, stride=stride)
-                whole = rope._rotate(x, offset, inverse, stride)
-                assert got.dtype == whole.dtype
-                assert np.array_equal(
-                    np.array(got.astype(mx.float32)), np.array(whole.astype(mx.float32))
-                )
-    # it rotates: the last 64 dims moved, the others did not
-    got = rope(x, 100)
-    assert not mx.array_equal(got[..., -64:], x[..., -64:]).item()
-    assert mx.array_equal(got[..., :-64], x[..., :-64]).item()

@@ -293,15 +293,6 @@ def hadamard(x: mx.array) -> mx.array:
 # ----------------------------------------------------------------------------
 
 
-# From this many positions on (prefill), RoPE runs on the rotated dims alone and a
-# concatenation puts the others back: over the whole head (the leading pairs given
-# infinite wavelengths, i.e. no rotation) the kernel reads, computes the angles of and
-# writes 8x the elements for DeepSeek-V4's 64 rotated of 512 dims. Decode and verify
-# keep the one kernel over the whole head: fewer graph nodes per token. Both give the
-# same bits for finite inputs (an angle of 0 is an exact identity).
-PARTIAL_ROPE_POSITIONS = 64
-
-
 class DeepseekV4RoPE:
     """Rotates the last ``rope_dims`` of a vector, pairs (2i, 2i+1)."""
 
@@ -342,14 +333,6 @@ class DeepseekV4RoPE:
     def __call__(self, x, offset, inverse: bool = False, stride: int = 1):
         """Rotate ``x`` [B, ..., L, head_dim] at positions stride*(offset + i);
         ``offset`` is an int or an array of one offset per sequence."""
-        d = x.shape[-1]
-        if self.rope_dims < d and x.shape[-2] >= PARTIAL_ROPE_POSITIONS:
-            # only the rotated dims through the kernel, the rest copied beside them
-            rotated = self._rotate(x[..., d - self.rope_dims :], offset, inverse, stride)
-            return mx.concatenate([x[..., : d - self.rope_dims], rotated], axis=-1)
-        return self._rotate(x, offset, inverse, stride)
-
-    def _rotate(self, x, offset, inverse: bool, stride: int):
         d = x.shape[-1]
         return mx.fast.rope(
             x,
