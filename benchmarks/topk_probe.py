@@ -1,20 +1,26 @@
-"""Does the CSA indexer's two-stage top-k pay on this machine?
+"""How fast is the CSA indexer's top-k, by method, on the shapes the model uses?
 
-The indexer keeps the top ``index_topk`` (512) of n/4 compressed entries per
-query; ``mx.argpartition`` is a full sort on Metal and CUDA, so at 128K context
-it sorts 32K scores per layer per token. ``topk_indices(score, k, chunk)`` of
-the model takes each chunk's top k, then the top k of those candidates (same
-set). This times both on the shapes the model uses and checks the sets agree:
+The indexer keeps the top ``index_topk`` (512) of n/4 compressed entries per query;
+``mx.argpartition`` is a full sort on Metal and CUDA, so at 128K context it sorts 32K
+scores per query per CSA layer. Methods:
 
-* decode: [B, n] for B = 1 and 8 (one query per sequence);
-* prefill: [1, q, n], q = the query block of the indexer at that n (without the CUDA
-  kernel), or each of ``--prefill-rows``.
+* ``argpartition`` (the portable path; prefill rows masked past each query's limit
+  first, as the model does);
+* ``kernel``: ``kernels.topk_rows``, radix select (MLX CUDA only), timed here at every
+  row count (the model takes it from ``kernels.TOPK_MIN_ROWS`` rows);
+* ``chunk N``: the portable two-stage top-k (each chunk's top k, then the top k of
+  those; ``MLX_ARCH_PLUGINS_TOPK_CHUNK``), decode shapes only.
 
-    python benchmarks/topk_probe.py                         # 128K context
-    python benchmarks/topk_probe.py --contexts 131072,1048576 --chunks 1024,2048,4096,8192
+Shapes: decode [B, n] for B = 1 and 8; prefill [1, q, n] for q = the indexer's query
+block at that n (2048 where the CUDA indexer kernel runs), or each of ``--prefill-rows``,
+with the causal limits of the prompt's last chunk. Checks every method's set against
+argpartition's (scores are distinct).
 
-Prints one ``JSON {...}`` line per measurement, a table, and the chunk to set
-as ``MLX_ARCH_PLUGINS_TOPK_CHUNK`` (or that it should stay off, the default).
+    python benchmarks/topk_probe.py --contexts 32768,131072,1048576 --prefill-rows 2048
+
+Prints one ``JSON {...}`` line per measurement and a table. ``--per-eval 20`` evaluates
+20 calls at once (ms per call), so that small shapes show device time, not the
+evaluation's fixed cost.
 """
 
 import argparse
@@ -24,6 +30,7 @@ import time
 
 import mlx.core as mx
 
+from mlx_arch_plugins.deepseek_v4 import kernels
 from mlx_arch_plugins.deepseek_v4.model import DeepseekV4Attention as _Attention
 from mlx_arch_plugins.deepseek_v4.model import topk_indices
 
@@ -53,19 +60,45 @@ def same_sets(a, b):
     return bool(mx.array_equal(a, b).item())
 
 
+def methods(score, k, chunks, decode):
+    """(name, function) of every method that applies to ``score``."""
+    out = [("argpartition", None)]
+    if kernels.topk_kernel_enabled(score, k):
+        out.append(("kernel", None))
+    n = score.shape[-1]
+    out += [(f"chunk {c}", c) for c in chunks if decode and k < c < n]
+    return out
+
+
+def call(name, chunk, score, k, limit):
+    kernels.USE_TOPK_KERNEL = name == "kernel"
+    try:
+        return topk_indices(score, k, chunk=chunk or 0, limit=limit)
+    finally:
+        kernels.USE_TOPK_KERNEL = True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--contexts", default="131072", help="context lengths (tokens), comma-separated")
-    p.add_argument("--chunks", default="1024,2048,4096,8192")
+    p.add_argument("--chunks", default="", help="two-stage chunks to time at decode shapes")
     p.add_argument("--k", type=int, default=512, help="index_topk")
     p.add_argument("--ratio", type=int, default=4)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warm", type=int, default=5)
     p.add_argument("--prefill-rows", default="", help="query blocks to time (comma list)")
+    p.add_argument(
+        "--per-eval",
+        type=int,
+        default=1,
+        help="calls evaluated together, the time divided among them (past the per-eval "
+        "overhead that hides small shapes' device time)",
+    )
     args = p.parse_args(argv)
-    k = args.k
+    k, chunks = args.k, [int(c) for c in args.chunks.split(",") if c]
+    kernels.TOPK_MIN_ROWS = 1  # time the kernel at every row count, decode's included
     print(f"# device {mx.default_device()}, mlx {mx.__version__}")
-    rows, best = [], {}
+    rows = []
     for ctx in (int(c) for c in args.contexts.split(",")):
         n = ctx // args.ratio
         shapes = {"decode B=1": (1, n), "decode B=8": (8, n)}
@@ -73,51 +106,41 @@ def main(argv=None):
             shapes[f"prefill q={q}"] = (1, q, n)
         for name, shape in shapes.items():
             score = mx.random.normal(shape, key=mx.random.key(0))
+            decode = len(shape) == 2
+            # prefill: the prompt's last queries, each seeing the entries complete by it
+            limit = None if decode else (ctx - shape[1] + mx.arange(shape[1]) + 1) // args.ratio
             mx.eval(score)
-            ref = topk_indices(score, k, chunk=0)
-            base = time_ms(lambda: topk_indices(score, k, chunk=0), args.runs, args.warm)
-            for chunk in [0] + [int(c) for c in args.chunks.split(",")]:
-                if chunk and (chunk <= k or chunk >= n):
-                    continue
-                got = topk_indices(score, k, chunk=chunk)
-                ms = (
-                    base
-                    if chunk == 0
-                    else time_ms(
-                        lambda c=chunk: topk_indices(score, k, chunk=c), args.runs, args.warm
-                    )
+            ref = call("argpartition", 0, score, k, limit)
+            base = None
+            for method, chunk in methods(score, k, chunks, decode):
+                got = call(method, chunk, score, k, limit)
+                ms = time_ms(
+                    lambda: [call(method, chunk, score, k, limit) for _ in range(args.per_eval)],
+                    args.runs,
+                    args.warm,
                 )
+                ms /= args.per_eval
+                base = base or ms
                 rec = {
                     "context": ctx,
                     "entries": n,
                     "shape": name,
-                    "chunk": chunk,
+                    "method": method,
                     "ms": round(ms, 4),
                     "speedup": round(base / ms, 3),
                     "same_set": same_sets(got, ref),
                 }
-                print("JSON " + json.dumps(rec))
+                print("JSON " + json.dumps(rec), flush=True)
                 rows.append(rec)
-                if chunk and rec["same_set"]:
-                    best.setdefault(chunk, []).append(base / ms)
-    print(f"\n{'context':>8} {'shape':<16} {'chunk':>6} {'ms':>9} {'x':>6} same")
+    print(f"\n{'context':>8} {'shape':<16} {'method':<13} {'ms':>9} {'x':>6} same")
     for r in rows:
         print(
-            f"{r['context']:>8} {r['shape']:<16} {r['chunk'] or 'off':>6} {r['ms']:>9.3f} "
+            f"{r['context']:>8} {r['shape']:<16} {r['method']:<13} {r['ms']:>9.3f} "
             f"{r['speedup']:>6.2f} {'yes' if r['same_set'] else 'NO'}"
         )
     if any(not r["same_set"] for r in rows):
-        print("\nSETS DIFFER: do not switch it on; report this.")
+        print("\nSETS DIFFER: report this.")
         return 1
-    # the chunk whose worst case over every measured shape is best
-    worst = {c: min(v) for c, v in best.items()}
-    if worst and max(worst.values()) > 1.1:
-        c = max(worst, key=worst.get)
-        print(
-            f"\nrecommend: MLX_ARCH_PLUGINS_TOPK_CHUNK={c} (at least {worst[c]:.2f}x on every shape)"
-        )
-    else:
-        print("\nrecommend: keep the two-stage top-k off (no chunk is >1.1x faster on every shape)")
     return 0
 
 

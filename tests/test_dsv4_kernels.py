@@ -1,7 +1,8 @@
 """The optional CUDA kernels of deepseek_v4/kernels.py against what they replace: the
 hyper-connection Sinkhorn against the mx.compile path, the dequantize kernels (affine,
-mxfp4, mxfp8) against ``mx.dequantize``, bit for bit, and the indexer's fused scores
-against the portable matmul and head sum.
+mxfp4, mxfp8) against ``mx.dequantize``, bit for bit, the indexer's fused scores
+against the portable matmul and head sum, and the radix-select top-k against
+argpartition and the numpy statement of its contract (helpers/topk_reference.py).
 
 Runs only where MLX's CUDA backend is available (the H200 device machine:
 `PYTHONPATH=src python3 -m pytest tests/test_dsv4_kernels.py`, or `python3
@@ -12,6 +13,7 @@ elsewhere the kernel is never used and the test is skipped.
 
 import mlx.core as mx
 import numpy as np
+from helpers.topk_reference import topk_reference
 
 try:
     import pytest
@@ -180,6 +182,46 @@ def check_indexer():
             assert same > 0.97, ((B, L, H, D, N), same)
 
 
+def check_topk():
+    """Distinct scores: argpartition's set, exactly the contract's array. Ties (scores
+    from a handful of values), limits below, at and above k, negatives and -inf:
+    exactly the contract's array (lowest indices first among ties, index order)."""
+    rng = np.random.default_rng(0)
+    for lead, n, k in [
+        ((1,), 32768, 512),
+        ((8,), 32768, 512),
+        ((3, 70), 8192, 512),
+        ((4,), 262144, 512),
+        ((5,), 1000, 4),
+        ((2,), 600, 600),
+    ]:
+        rows = int(np.prod(lead))
+        score = np.stack([rng.permutation(n) for _ in range(rows)]).astype(np.float32)
+        score = (score / n - 0.5).reshape(*lead, n)
+        assert kern.topk_kernel_enabled(mx.array(score), k) == (rows >= kern.TOPK_MIN_ROWS)
+        got = np.array(kern.topk_rows(mx.array(score), k))
+        np.testing.assert_array_equal(got, topk_reference(score, k), err_msg=str((lead, n, k)))
+        if k < n:
+            part = np.array(mx.argpartition(-mx.array(score), kth=k - 1, axis=-1)[..., :k])
+            assert (np.sort(part, -1) == got).all(), (lead, n, k)
+    tied = rng.integers(-20, 20, (64, 4096)).astype(np.float32)
+    tied[:8, 3000:] = -np.inf
+    tied[8:16] = np.where(rng.random((8, 4096)) < 0.5, 0.0, -0.0)
+    limits = np.array([0, 1, 511, 512, 513, 4096, 5000] * 10)[:64]
+    rng.shuffle(limits)
+    for limit in (None, limits):
+        want = topk_reference(tied, 512, limit)
+        got = np.array(
+            kern.topk_rows(mx.array(tied), 512, None if limit is None else mx.array(limit))
+        )
+        np.testing.assert_array_equal(got, want)
+    # a query axis broadcast over the batch, as the prefill's indexer passes it
+    score = rng.standard_normal((2, 33, 3000)).astype(np.float32)
+    limit = rng.integers(0, 3001, 33)
+    got = np.array(kern.topk_rows(mx.array(score), 512, mx.array(limit)))
+    np.testing.assert_array_equal(got, topk_reference(score, 512, limit))
+
+
 if pytest is not None:
     needs_cuda = pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend")
 
@@ -207,6 +249,10 @@ if pytest is not None:
     def test_indexer_kernel_matches_portable_scores():
         check_indexer()
 
+    @needs_cuda
+    def test_topk_kernel_keeps_the_contract():
+        check_topk()
+
 
 if __name__ == "__main__":
     if not _cuda():
@@ -222,3 +268,5 @@ if __name__ == "__main__":
     print("PASS mx dequantize kernel")
     check_indexer()
     print("PASS indexer kernel")
+    check_topk()
+    print("PASS top-k kernel")

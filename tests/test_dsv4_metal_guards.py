@@ -130,8 +130,10 @@ def test_two_stage_top_k_in_the_model_picks_the_same_scores(monkeypatch, case, c
     real, two = dsv4.topk_indices, dsv4._top_k_two_stage
     used, calls = [], []
 
-    def both(score, k, chunk=None):
-        got = real(score, k, chunk)
+    def both(score, k, chunk=None, limit=None):
+        got = real(score, k, chunk, limit)
+        if limit is not None:  # the entries past a query's limit, as real() masks them
+            score = mx.where(mx.arange(score.shape[-1]) < limit[:, None], score, -mx.inf)
         want = mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]
         got_s = np.sort(np.array(mx.take_along_axis(score, got, axis=-1)), axis=-1)
         want_s = np.sort(np.array(mx.take_along_axis(score, want, axis=-1)), axis=-1)

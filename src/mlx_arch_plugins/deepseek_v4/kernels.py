@@ -6,6 +6,8 @@ small kernels; the arithmetic is the mx.compile path's, step for step (sums in t
 order). ``affine_dequantize`` and ``mx_dequantize`` (prefill): weights dequantized bit
 for bit as ``mx.dequantize`` does, with wider stores. ``indexer_scores`` (prefill): the
 CSA indexer's scores on tensor cores, without writing out the per-head products.
+``topk_rows`` (prefill blocks of queries): the indexer's top-k by radix select instead
+of a full sort.
 
 Only used on MLX's CUDA backend (tested there by tests/test_dsv4_kernels.py); every
 other backend, and CUDA with ``MLX_ARCH_PLUGINS_FUSED=0``, takes the portable path in
@@ -82,6 +84,15 @@ def cuda_enabled() -> bool:
         return mx.default_device() == mx.gpu and mx.cuda.is_available()
     except Exception:
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability() -> int:
+    """The GPU's major compute capability; 0 where there is none (the CPU)."""
+    try:
+        return int(mx.device_info().get("compute_capability_major", 0))
+    except Exception:
+        return 0
 
 
 def use_sinkhorn_kernel(rows: int) -> bool:
@@ -446,14 +457,10 @@ def indexer_kernel_enabled(q, keys) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
 def bf16_mma_available() -> bool:
     """Whether the GPU has bf16 ``mma.sync`` (compute capability 8.0 and up); older ones
     would fail to compile the indexer kernel."""
-    try:
-        return int(mx.device_info().get("compute_capability_major", 0)) >= 8
-    except Exception:
-        return False
+    return _compute_capability() >= 8
 
 
 def indexer_scores(q, w, keys, keys_per_block=None, queries_per_warp=None, stage=None):
@@ -492,3 +499,188 @@ def indexer_scores(q, w, keys, keys_per_block=None, queries_per_warp=None, stage
         output_dtypes=[mx.float32],
     )
     return out
+
+
+# ``topk_rows``: the CSA indexer keeps the top ``k`` (512) of n/4 entries per query, and
+# MLX's argpartition is a full sort on CUDA (and Metal): at 128K context a 2048-query
+# block's sort of 32K scores a row took 4.4 ms of a CSA layer's 9.6 on the H200
+# (benchmarks/RESULTS.md, thirteenth session). Here one thread block finds a row's k-th
+# largest score by radix select (four passes of 8 bits over the scores as order-keeping
+# 32-bit keys, each a histogram of the keys that share the digits found so far), then
+# writes the indices of the larger scores and of the first equal ones, in index order:
+# the set argpartition keeps up to which of several tied scores at the k-th place goes in
+# (here the lowest indices, so the result does not depend on timing). Entries at or past
+# a row's ``limit`` are left out; a row with at most k entries below its limit gets
+# 0..k-1, every one past the limit to be masked by the caller.
+_TOPK_SOURCE = """
+    const int row = blockIdx.x;
+    const int N = score_shape[1];
+    const int K = kth[0];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    const int lim = min(max(limit[row], 0), N);
+    const float* s = score + (size_t)row * N;
+    unsigned int* o = out + (size_t)row * K;
+    if (lim <= K) {
+        for (int j = threadIdx.x; j < K; j += blockDim.x) o[j] = j;
+        return;
+    }
+    // larger float, larger key (negatives' bits flipped, positives' sign bit set);
+    // -0 counts as +0, as argpartition compares them
+    auto key = [](float f) {
+        unsigned int u = __float_as_uint(f);
+        if (u == 0x80000000u) u = 0u;
+        return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    };
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int found_digit, found_need;
+    __shared__ unsigned int per_warp_eq[32], per_warp_take[32];
+    __shared__ unsigned int eq_before_tile, written_before_tile;
+    unsigned int prefix = 0u, mask = 0u, need = (unsigned int)K;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        for (int i0 = 0; i0 < lim; i0 += blockDim.x) {
+            const int i = i0 + threadIdx.x;
+            unsigned int digit = 256u;  // not counted: past the limit or off the prefix
+            if (i < lim) {
+                const unsigned int u = key(s[i]);
+                if ((u & mask) == prefix) digit = (u >> shift) & 255u;
+            }
+            // one shared atomic per distinct digit of the warp (the high digits of
+            // similar scores are mostly the same)
+            const unsigned int peers = __match_any_sync(0xffffffffu, digit);
+            if (digit < 256u && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+        }
+        __syncthreads();
+        if (warp == 0) {
+            // lane l holds bins 255-8l down to 248-8l; counts summed from the top bin
+            unsigned int c[8];
+            unsigned int total = 0u;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                c[j] = hist[255 - (lane * 8 + j)];
+                total += c[j];
+            }
+            unsigned int upto = total;
+#pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const unsigned int v = __shfl_up_sync(0xffffffffu, upto, d);
+                if (lane >= d) upto += v;
+            }
+            unsigned int above = upto - total;
+            if (above < need && need <= upto) {
+                for (int j = 0; j < 8; ++j) {
+                    if (above + c[j] >= need) {
+                        found_digit = 255u - (unsigned int)(lane * 8 + j);
+                        found_need = need - above;
+                        break;
+                    }
+                    above += c[j];
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= found_digit << shift;
+        mask |= 255u << shift;
+        need = found_need;
+    }
+    // prefix is now the k-th largest key; take every larger key and the first `need`
+    // equal ones, tile by tile in index order
+    if (threadIdx.x == 0) {
+        eq_before_tile = 0u;
+        written_before_tile = 0u;
+    }
+    __syncthreads();
+    const unsigned int below = (1u << lane) - 1u;
+    for (int i0 = 0; i0 < lim; i0 += blockDim.x) {
+        const int i = i0 + threadIdx.x;
+        const unsigned int u = i < lim ? key(s[i]) : 0u;
+        const bool eq = i < lim && u == prefix;
+        const unsigned int eq_votes = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) per_warp_eq[warp] = __popc(eq_votes);
+        __syncthreads();
+        unsigned int eq_rank = eq_before_tile + __popc(eq_votes & below);
+        for (int w = 0; w < warp; ++w) eq_rank += per_warp_eq[w];
+        const bool take = (i < lim && u > prefix) || (eq && eq_rank < need);
+        const unsigned int take_votes = __ballot_sync(0xffffffffu, take);
+        if (lane == 0) per_warp_take[warp] = __popc(take_votes);
+        __syncthreads();
+        unsigned int slot = written_before_tile + __popc(take_votes & below);
+        for (int w = 0; w < warp; ++w) slot += per_warp_take[w];
+        if (take) o[slot] = (unsigned int)i;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 0; w < warps; ++w) {
+                eq_before_tile += per_warp_eq[w];
+                written_before_tile += per_warp_take[w];
+            }
+        }
+        __syncthreads();
+        if (written_before_tile >= (unsigned int)K) break;
+    }
+"""
+
+_TOPK_KERNEL = None
+TOPK_THREADS = 1024
+# False sends every top-k to argpartition (benchmarks alternate it within one process)
+USE_TOPK_KERNEL = True
+# One thread block per row, so a few rows leave most of the GPU idle. Device time per
+# call on the H200 against argpartition (benchmarks/topk_probe.py --per-eval 20;
+# benchmarks/RESULTS.md, fifteenth session): 0.62x / 0.44x at 16 rows of 8K / 32K
+# entries, 0.22-0.46x from 128 rows on, but 1.28x / 1.04x for one decode row. Decode and
+# verify (fewer rows than this) keep argpartition.
+TOPK_MIN_ROWS = 16
+
+
+def topk_kernel_enabled(score, k: int) -> bool:
+    """Whether ``topk_rows`` takes these float32 scores [..., N] (N >= k): enough rows
+    of them (``TOPK_MIN_ROWS``) on MLX CUDA."""
+    n = score.shape[-1] if score.ndim else 0
+    return (
+        USE_TOPK_KERNEL
+        and score.dtype == mx.float32
+        and 0 < k <= n < 2**31
+        and score.size // n >= TOPK_MIN_ROWS
+        and cuda_enabled()
+        and _compute_capability() >= 7  # __match_any_sync
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _int_scalar(value: int):
+    # made once: an array built from host data on every call would be uploaded each time
+    return mx.array([value], dtype=mx.int32)
+
+
+def topk_rows(score, k: int, limit=None):
+    """uint32 indices [..., k] of the ``k`` largest of each row of ``score`` [..., N],
+    in index order, ties at the k-th score broken towards lower indices. ``limit``
+    (int, broadcast to the leading shape): entries from there on are left out; a row
+    with at most k entries before it gets 0..k-1. Only where ``topk_kernel_enabled``
+    said yes."""
+    global _TOPK_KERNEL
+    if _TOPK_KERNEL is None:
+        _TOPK_KERNEL = mx.fast.cuda_kernel(
+            name="dsv4_topk_rows",
+            input_names=["score", "limit", "kth"],
+            output_names=["out"],
+            source=_TOPK_SOURCE,
+        )
+    lead, N = score.shape[:-1], score.shape[-1]
+    rows = 1
+    for d in lead:
+        rows *= d
+    if limit is None:
+        limit = mx.full((rows,), N, dtype=mx.int32)
+    else:
+        limit = mx.broadcast_to(mx.array(limit).astype(mx.int32), lead).reshape(rows)
+    (out,) = _TOPK_KERNEL(
+        inputs=[score.reshape(rows, N), limit, _int_scalar(k)],
+        grid=(rows * TOPK_THREADS, 1, 1),
+        threadgroup=(TOPK_THREADS, 1, 1),
+        output_shapes=[(rows, k)],
+        output_dtypes=[mx.uint32],
+    )
+    return out.reshape(*lead, k)

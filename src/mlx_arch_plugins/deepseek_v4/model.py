@@ -628,19 +628,30 @@ def _topk_chunk() -> int:
         return 0
 
 
-def topk_indices(score: mx.array, k: int, chunk: Optional[int] = None) -> mx.array:
+def topk_indices(
+    score: mx.array, k: int, chunk: Optional[int] = None, limit: Optional[mx.array] = None
+) -> mx.array:
     """Indices of the ``k`` largest scores along the last axis (in no order).
 
-    ``argpartition`` is a full sort on Metal and CUDA, and the indexer ranks
-    n/4 entries per query (32K at 128K context). With a ``chunk`` (argument,
-    else ``MLX_ARCH_PLUGINS_TOPK_CHUNK``; 0 = off, the default) larger than
-    ``k`` and shorter than the row, each chunk's top ``k`` is found first and
-    then the top ``k`` of those candidates: the same set for distinct scores,
-    since an entry of the overall top k is in its own chunk's top k.
+    ``limit`` (broadcast to the leading shape): each row's entries from there on are
+    out of reach; a row with at most ``k`` entries before it also gets entries past
+    it, for the caller to mask. On MLX CUDA, for enough rows, a radix-select kernel
+    (``kernels.topk_rows``) does it. Elsewhere ``argpartition``, a full sort on Metal
+    and CUDA, over the
+    indexer's n/4 entries per query (32K at 128K context). With a ``chunk``
+    (argument, else ``MLX_ARCH_PLUGINS_TOPK_CHUNK``; 0 = off, the default) larger
+    than ``k`` and shorter than the row, each chunk's top ``k`` is found first and
+    then the top ``k`` of those candidates: the same set for distinct scores, since
+    an entry of the overall top k is in its own chunk's top k.
     benchmarks/topk_probe.py measures whether it pays."""
     chunk = _topk_chunk() if chunk is None else chunk
     n = score.shape[-1]
-    if chunk <= k or n <= chunk:
+    two_stage = k < chunk < n
+    if not two_stage and _kernels.topk_kernel_enabled(score, k):
+        return _kernels.topk_rows(score, k, limit)
+    if limit is not None:
+        score = mx.where(mx.arange(n) < mx.expand_dims(limit, -1), score, -mx.inf)
+    if not two_stage:
         return mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k]
     return _top_k_two_stage(score, k, chunk)
 
@@ -1034,12 +1045,11 @@ class DeepseekV4Attention(nn.Module):
         tops, oks = [], []
         for a in range(0, L, bq):
             n = min(bq, L - a)
-            complete = ((T + mx.arange(a, a + n) + 1) // m)[:, None]  # entries per query
-            seen = mx.arange(N)[None] < complete  # [n, N]
+            complete = (T + mx.arange(a, a + n) + 1) // m  # entries each query sees
             score = self.indexer.scores(iq[:, a : a + n], proj["iw"][:, a : a + n], cache.index)
-            top = topk_indices(mx.where(seen, score, -mx.inf), k)  # [B, n, k]
+            top = topk_indices(score, k, limit=complete)  # [B, n, k]
             tops.append(top)
-            oks.append(top < complete)
+            oks.append(top < complete[:, None])
         return _joined(tops, 1), _joined(oks, 1)
 
     def _sparse(self, q, keys, W0, T, proj, cache, sinks):
